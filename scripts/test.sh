@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# The whole test suite in one command. CI runs it (via .ci/run) as root on a
+# fresh Debian 12 machine, so it first installs whatever is missing:
+#   1. system packages (apt): C toolchain and libraries for building
+#      librdkafka (the rdkafka crate compiles it from source), Java and Maven
+#      for the Kafka broker, kcat (the Rust toolchain must be there already);
+#   2. cargo fmt --check and cargo clippy -D warnings;
+#   3. builds the tests, starts a throwaway Kafka broker on a free port and
+#      runs cargo test against it (KOP_TEST_BROKERS);
+#   4. stops the broker, whatever happened.
+#
+# Run "scripts/test.sh --help" for usage.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+
+usage() {
+	cat <<'EOF'
+Usage: scripts/test.sh [--no-lint] [--] [cargo test arguments] [-- test binary arguments]
+
+Installs missing build dependencies (apt), checks formatting and
+clippy lints, starts a fresh single-node Kafka broker, runs
+"cargo test --all-targets" against it and stops the broker again.
+The exit status is that of the first failing step (0 if all passed).
+
+Options:
+  --no-lint   skip "cargo fmt --check" and "cargo clippy"
+  -h, --help  this text
+
+Everything else goes to cargo test, e.g.
+  scripts/test.sh -- pipeline                 only tests whose name contains "pipeline"
+  scripts/test.sh --test orders -- --nocapture
+If no target is selected (--lib, --test NAME, ...) --all-targets is added;
+--test-threads=$KOP_TEST_THREADS (default 2) is added unless given.
+
+Environment:
+  KOP_TEST_BROKERS   use this already running broker (host:port[,...]) instead
+                     of starting one
+  KOP_TEST_THREADS   parallel tests per test binary (default 2: one Kafka
+                     broker on a small machine is the bottleneck)
+  KOP_NO_APT=1       never install system packages, only warn about missing ones
+EOF
+}
+
+log() { printf 'test.sh: %s\n' "$*" >&2; }
+die() {
+	log "error: $*"
+	exit 1
+}
+
+# ---------------------------------------------------------------------------
+# dependencies
+
+is_installed() {
+	# shellcheck disable=SC2016 # ${Status} is dpkg-query's syntax, not ours
+	dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+ensure_system_packages() {
+	if ! command -v dpkg-query >/dev/null; then
+		log "not a Debian system: make sure a C toolchain, cmake, pkg-config, OpenSSL and zlib headers, Java 17+, Maven and kcat are installed"
+		return 0
+	fi
+	local wanted=(
+		build-essential cmake pkg-config libssl-dev zlib1g-dev python3 perl # librdkafka's build
+		ca-certificates                                                      # Maven Central over HTTPS
+		kcat                                                                 # broker readiness check, debugging
+	)
+	# Java and Maven only run the broker; any installation of them will do.
+	command -v java >/dev/null || wanted+=(default-jre-headless)
+	command -v mvn >/dev/null || wanted+=(maven)
+
+	local pkg missing=()
+	for pkg in "${wanted[@]}"; do
+		is_installed "$pkg" || missing+=("$pkg")
+	done
+	((${#missing[@]} > 0)) || return 0
+
+	if [[ ${KOP_NO_APT:-} == 1 ]]; then
+		log "warning: missing packages (KOP_NO_APT=1, not installing): ${missing[*]}"
+		return 0
+	fi
+	local sudo=()
+	if ((EUID != 0)); then
+		command -v sudo >/dev/null || die "missing packages ${missing[*]}; run as root or install them"
+		sudo=(sudo)
+	fi
+	log "installing ${missing[*]}"
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+ensure_rust() {
+	# A rustup installation is not on PATH in a non-login shell.
+	if ! command -v cargo >/dev/null && [[ -f $HOME/.cargo/env ]]; then
+		# shellcheck source=/dev/null
+		source "$HOME/.cargo/env"
+	fi
+	# The toolchain comes with the machine (Debian's cargo is too old for edition 2024);
+	# nothing is downloaded from outside the package registries.
+	command -v cargo >/dev/null || die "cargo not found: install Rust (rustup, stable, edition 2024) first"
+	cargo fmt --version &>/dev/null || die "rustfmt missing: rustup component add rustfmt"
+	cargo clippy --version &>/dev/null || die "clippy missing: rustup component add clippy"
+}
+
+# ---------------------------------------------------------------------------
+# broker
+
+# Set once we started a broker; the exit handler stops it.
+BROKER_STATE=
+
+on_exit() {
+	local rc=$?
+	if [[ -n $BROKER_STATE ]]; then
+		# After Ctrl-C (130) or SIGTERM (143) nobody wants the log.
+		if ((rc != 0 && rc != 130 && rc != 143)) && [[ -f $BROKER_STATE/broker.log ]]; then
+			log "failed (exit status $rc); last lines of the broker log $BROKER_STATE/broker.log:"
+			tail -n 60 "$BROKER_STATE/broker.log" >&2 || true
+		fi
+		KOP_KAFKA_STATE=$BROKER_STATE "$SCRIPT_DIR/kafka.sh" stop || true
+		if ((rc == 0)); then
+			rm -rf "$BROKER_STATE"
+		else
+			log "broker state and full log kept in $BROKER_STATE"
+		fi
+	fi
+	exit "$rc"
+}
+
+start_broker() {
+	if [[ -n ${KOP_TEST_BROKERS:-} ]]; then
+		log "using the broker at $KOP_TEST_BROKERS (KOP_TEST_BROKERS is set)"
+		return 0
+	fi
+	# A state directory of its own: never touches (or collides with) a
+	# developer's broker in .kafka, and starts from empty topics every run.
+	BROKER_STATE=$(mktemp -d "${TMPDIR:-/tmp}/kop-test-kafka.XXXXXX")
+	local out
+	out=$(KOP_KAFKA_STATE=$BROKER_STATE "$SCRIPT_DIR/kafka.sh" start --port 0)
+	KOP_TEST_BROKERS=${out##*$'\n'} # kafka.sh prints the address last
+	export KOP_TEST_BROKERS
+	log "Kafka broker for the tests at $KOP_TEST_BROKERS"
+}
+
+# ---------------------------------------------------------------------------
+
+run() {
+	log "==> $*"
+	"$@"
+}
+
+main() {
+	local lint=1
+	while (($#)); do
+		case $1 in
+		-h | --help)
+			usage
+			return 0
+			;;
+		--no-lint)
+			lint=0
+			shift
+			;;
+		--)
+			shift
+			break
+			;;
+		*) break ;;
+		esac
+	done
+
+	# Split the rest at "--" into arguments for cargo and for the test binaries.
+	local cargo_args=() harness_args=() arg
+	while (($#)); do
+		if [[ $1 == -- ]]; then
+			shift
+			harness_args=("$@")
+			break
+		fi
+		cargo_args+=("$1")
+		shift
+	done
+	local targets=(--all-targets)
+	for arg in "${cargo_args[@]}"; do
+		case $arg in
+		--lib | --bins | --bin | --bin=* | --tests | --test | --test=* | --examples | --example | --example=* | \
+			--benches | --bench | --bench=* | --doc | --all-targets) targets=() ;;
+		esac
+	done
+	local threads=(--test-threads="${KOP_TEST_THREADS:-2}")
+	for arg in "${harness_args[@]}"; do
+		[[ $arg == --test-threads* ]] && threads=()
+	done
+
+	cd "$REPO_ROOT"
+	ensure_system_packages
+	ensure_rust
+
+	# Stop the broker on every way out. INT/TERM turn into a normal exit so
+	# the EXIT handler runs exactly once (bash runs it after the current
+	# foreground command, e.g. cargo, has finished).
+	trap on_exit EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+
+	if ((lint)); then
+		run cargo fmt --all -- --check
+		run cargo clippy --all-targets -- -D warnings
+	fi
+	# Compile first, without a broker: a build error needs none, and the
+	# broker does not compete with the compiler for the CPU.
+	run cargo test "${targets[@]}" "${cargo_args[@]}" --no-run
+	start_broker
+	run cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${harness_args[@]}"
+	log "all passed"
+}
+
+main "$@"

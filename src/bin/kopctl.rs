@@ -1,0 +1,234 @@
+//! kopctl: the operator's tool — create the topics, inspect and replay dead letters.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kop::admin::{self, ReplayOptions};
+use kop::config::{self, ProcessEnv, Service, StageConfig};
+
+#[derive(Parser)]
+#[command(version, about = "Operate a kop pipeline: topics and dead letters")]
+struct Cli {
+    /// Bootstrap servers; default KAFKA_BROKERS, else localhost:9092.
+    #[arg(long, short, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Extra librdkafka property, e.g. -X security.protocol=SASL_SSL (repeatable).
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    property: Vec<(String, String)>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Topic administration.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Dead-letter topics.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every topic of the pipeline (main, .retry, .dlq) that does not exist yet, with
+    /// the names, partitions and replication the daemons' configuration gives.
+    Ensure {
+        /// Folder of the daemons' TOML files; default /etc/kop when present, else built-in
+        /// defaults. Environment variables apply as they do for the daemons.
+        #[arg(long, value_name = "DIR")]
+        config_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print the records of a DLQ topic with their headers.
+    List {
+        topic: String,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish DLQ records again (key, value and headers kept, attempts reset) and print how
+    /// many. Continues where the previous replay of the same topic stopped.
+    Replay {
+        topic: String,
+        /// Target topic; default: each record's x-origin-topic.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only records whose x-error contains this text.
+        #[arg(long)]
+        error_contains: Option<String>,
+        /// Only records with this key (order id).
+        #[arg(long)]
+        key: Option<String>,
+        /// Scan the whole DLQ, including records replayed before.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Show what would be replayed; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut client = rdkafka::ClientConfig::new();
+    client
+        .set("bootstrap.servers", &cli.brokers)
+        .set("client.id", "kopctl");
+    for (key, value) in &cli.property {
+        client.set(key, value);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kopctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, client)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("kopctl: configuration error: {e}");
+            ExitCode::from(config::EX_CONFIG as u8)
+        }
+        Err(Failure::Kafka(e)) => {
+            eprintln!("kopctl: Kafka: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Admin(e)) => {
+            eprintln!("kopctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(config::ConfigError),
+    Kafka(rdkafka::error::KafkaError),
+    Admin(admin::AdminError),
+}
+
+impl From<admin::AdminError> for Failure {
+    fn from(e: admin::AdminError) -> Self {
+        Failure::Admin(e)
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for Failure {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Failure::Kafka(e)
+    }
+}
+
+async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
+    match cli.command {
+        Command::Topics {
+            command: TopicsCommand::Ensure { config_dir },
+        } => {
+            let dir = config_dir.or_else(|| Some(PathBuf::from("/etc/kop")).filter(|d| d.is_dir()));
+            for service in [Service::Payment, Service::Inventory, Service::Notification] {
+                let path = dir
+                    .as_ref()
+                    .map(|d| d.join(format!("{}.toml", service.short_name())))
+                    .filter(|p| p.exists());
+                let mut stage = StageConfig::load(service, path.as_deref(), &ProcessEnv)
+                    .map_err(Failure::Config)?;
+                stage
+                    .common
+                    .kafka
+                    .insert("bootstrap.servers".into(), cli.brokers.clone());
+                for (key, value) in &cli.property {
+                    stage.common.kafka.insert(key.clone(), value.clone());
+                }
+                let mut topics = vec![
+                    stage.input.as_str(),
+                    stage.retry_topic.as_str(),
+                    stage.dlq_topic.as_str(),
+                ];
+                topics.extend(stage.output.as_deref());
+                let created = kop::kafka::ensure_topics(
+                    &stage.common,
+                    &topics,
+                    std::time::Duration::from_secs(30),
+                )
+                .await?;
+                for topic in topics {
+                    let state = if created.iter().any(|c| c == topic) {
+                        "created"
+                    } else {
+                        "exists"
+                    };
+                    println!("{topic}\t{state}");
+                }
+            }
+            Ok(())
+        }
+        Command::Dlq {
+            command: DlqCommand::List { topic, json },
+        } => {
+            let letters = tokio::task::spawn_blocking(move || admin::list(&client, &topic))
+                .await
+                .map_err(|_| rdkafka::error::KafkaError::Canceled)??;
+            for letter in &letters {
+                if json {
+                    println!("{}", serde_json::to_string(letter).unwrap_or_default());
+                } else {
+                    println!(
+                        "partition {} offset {} key {}",
+                        letter.partition,
+                        letter.offset,
+                        letter.key.as_deref().unwrap_or("-")
+                    );
+                    for (name, value) in &letter.headers {
+                        println!("  {name}: {}", value.as_deref().unwrap_or("(null)"));
+                    }
+                    println!("  value: {}", letter.value.as_deref().unwrap_or("(null)"));
+                }
+            }
+            eprintln!("{} dead letters", letters.len());
+            Ok(())
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    topic,
+                    to,
+                    error_contains,
+                    key,
+                    from_beginning,
+                    dry_run,
+                },
+        } => {
+            let options = ReplayOptions {
+                to,
+                error_contains,
+                key,
+                from_beginning,
+                dry_run,
+            };
+            let report = admin::replay(&client, &topic, &options).await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!(
+                "{verb} {} records from {topic} ({} filtered out, {} without a target topic)",
+                report.replayed, report.filtered_out, report.without_target
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1011 @@
+//! Configuration: a TOML file per daemon, overridden by the environment variables the
+//! Node.js original used, then validated as a whole.
+//!
+//! Every error names where the bad value came from (the file and its key, or the environment
+//! variable) so that an operator can fix it without reading code; the daemons exit with
+//! [`EX_CONFIG`] on any of them and systemd does not restart them in a loop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Deserializer};
+
+/// sysexits(3) `EX_CONFIG`: the configuration is wrong, restarting will not help.
+pub const EX_CONFIG: i32 = 78;
+
+/// The four daemons. Each one has its own defaults and its own environment variable names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Order,
+    Payment,
+    Inventory,
+    Notification,
+}
+
+impl Service {
+    /// Short name, used for file names (`etc/kop/<short>.toml`) and the binary (`kop-<short>`).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Service::Order => "order",
+            Service::Payment => "payment",
+            Service::Inventory => "inventory",
+            Service::Notification => "notification",
+        }
+    }
+
+    fn default_service_name(self) -> String {
+        format!("{}-service", self.short_name())
+    }
+
+    fn default_metrics_port(self) -> u16 {
+        // The Node.js original's ports, payment on 9104 as its README lists it.
+        match self {
+            Service::Order => 9100,
+            Service::Payment => 9104,
+            Service::Inventory => 9102,
+            Service::Notification => 9103,
+        }
+    }
+
+    /// The default configuration file when the daemon is installed.
+    pub fn default_config_path(self) -> PathBuf {
+        PathBuf::from(format!("/etc/kop/{}.toml", self.short_name()))
+    }
+
+    /// Topic wiring of a stage: which environment variables name its input, retry, DLQ and
+    /// output topics, and its consumer group.
+    fn stage_wiring(self) -> Option<StageWiring> {
+        Some(match self {
+            Service::Order => return None,
+            Service::Payment => StageWiring {
+                input_var: "ORDER_TOPIC",
+                input_default: "orders.created",
+                retry_var: "ORDER_RETRY_TOPIC",
+                dlq_var: "ORDER_DLQ_TOPIC",
+                output: Some(("PAYMENT_COMPLETED_TOPIC", "payments.completed")),
+                group_var: "PAYMENT_GROUP_ID",
+            },
+            Service::Inventory => StageWiring {
+                input_var: "PAYMENT_COMPLETED_TOPIC",
+                input_default: "payments.completed",
+                retry_var: "PAYMENT_RETRY_TOPIC",
+                dlq_var: "PAYMENT_DLQ_TOPIC",
+                output: Some(("INVENTORY_RESERVED_TOPIC", "inventory.reserved")),
+                group_var: "INVENTORY_GROUP_ID",
+            },
+            Service::Notification => StageWiring {
+                input_var: "INVENTORY_RESERVED_TOPIC",
+                input_default: "inventory.reserved",
+                retry_var: "INVENTORY_RETRY_TOPIC",
+                dlq_var: "INVENTORY_DLQ_TOPIC",
+                output: None,
+                group_var: "NOTIFICATION_GROUP_ID",
+            },
+        })
+    }
+}
+
+struct StageWiring {
+    input_var: &'static str,
+    input_default: &'static str,
+    retry_var: &'static str,
+    dlq_var: &'static str,
+    output: Option<(&'static str, &'static str)>,
+    group_var: &'static str,
+}
+
+/// Where a bad value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File(PathBuf),
+    Env(&'static str),
+    Defaults,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Defaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{origin}: key `{key}`: {reason}")]
+    Invalid {
+        origin: Origin,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Settings every daemon has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Common {
+    /// `service` label on metrics and in logs (`SERVICE_NAME`).
+    pub service_name: String,
+    /// Distinguishes instances of one service; part of the transactional id.
+    pub instance_id: String,
+    pub log: LogConfig,
+    /// Listen address of `/metrics`, `/healthz`, `/readyz` (`METRICS_PORT` sets the port).
+    pub metrics_listen: SocketAddr,
+    /// librdkafka properties, passed through as they are (`KAFKA_BROKERS` sets
+    /// `bootstrap.servers`).
+    pub kafka: BTreeMap<String, String>,
+    pub topics: TopicsConfig,
+    pub simulate: SimulateConfig,
+    /// Where the configuration came from, for messages.
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// A tracing filter directive such as `info` or `info,kop=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when stderr is connected to the journal, else text.
+    Auto,
+    Journald,
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "auto" => Some(LogFormat::Auto),
+            "journald" => Some(LogFormat::Journald),
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicsConfig {
+    /// Create missing topics at start.
+    pub create: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+/// Failure injection for demos and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulateConfig {
+    /// Probability (0..=1) that handling a record fails with a transient error.
+    pub failure_rate: f64,
+    /// Time a handler waits, standing in for a slow downstream call.
+    pub delay: Duration,
+    /// Stops the processing loop while the process stays up, to prove the watchdog.
+    pub stall: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderConfig {
+    pub common: Common,
+    pub listen: SocketAddr,
+    pub topic: String,
+    pub max_body_bytes: usize,
+    /// Longest time a request waits for the broker's acknowledgement before 503.
+    pub produce_timeout: Duration,
+    /// Records waiting in the producer; beyond it requests get 503 at once.
+    pub max_pending: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Guarantee {
+    #[serde(rename = "exactly-once")]
+    ExactlyOnce,
+    #[serde(rename = "at-least-once")]
+    AtLeastOnce,
+}
+
+impl Guarantee {
+    fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "exactly-once" => Some(Guarantee::ExactlyOnce),
+            "at-least-once" => Some(Guarantee::AtLeastOnce),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageConfig {
+    pub common: Common,
+    pub input: String,
+    pub retry_topic: String,
+    pub dlq_topic: String,
+    pub output: Option<String>,
+    pub group_id: String,
+    pub guarantee: Guarantee,
+    /// A batch (one transaction) closes after this many records ...
+    pub commit_max_records: usize,
+    /// ... or this long after its first record.
+    pub commit_interval: Duration,
+    /// Records being handled at once.
+    pub max_in_flight: usize,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Counts every attempt, the first included.
+    pub max_attempts: u32,
+    /// Delay before attempt n+1 is `delays[n-1]`; the last one repeats.
+    pub delays: Vec<Duration>,
+}
+
+// ---- the file format -------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: Option<String>,
+    instance_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TopicsSection {
+    create: Option<bool>,
+    partitions: Option<i32>,
+    replication_factor: Option<i32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SimulateSection {
+    failure_rate: Option<f64>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    delay: Option<Duration>,
+    stall: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    listen: Option<SocketAddr>,
+    topic: Option<String>,
+    max_body_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    produce_timeout: Option<Duration>,
+    max_pending: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StageSection {
+    input: Option<String>,
+    retry_topic: Option<String>,
+    dlq_topic: Option<String>,
+    output: Option<String>,
+    group_id: Option<String>,
+    processing_guarantee: Option<Guarantee>,
+    commit_max_records: Option<usize>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    commit_interval: Option<Duration>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetrySection {
+    max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "durations_opt")]
+    delays: Option<Vec<Duration>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OrderFile {
+    #[serde(default)]
+    service: ServiceSection,
+    #[serde(default)]
+    log: LogSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
+    kafka: BTreeMap<String, KafkaValue>,
+    #[serde(default)]
+    topics: TopicsSection,
+    #[serde(default)]
+    simulate: SimulateSection,
+    #[serde(default)]
+    http: HttpSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StageFile {
+    #[serde(default)]
+    service: ServiceSection,
+    #[serde(default)]
+    log: LogSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
+    kafka: BTreeMap<String, KafkaValue>,
+    #[serde(default)]
+    topics: TopicsSection,
+    #[serde(default)]
+    simulate: SimulateSection,
+    #[serde(default)]
+    stage: StageSection,
+    #[serde(default)]
+    retry: RetrySection,
+}
+
+/// librdkafka takes every property as a string; TOML lets operators write numbers and
+/// booleans naturally.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KafkaValue {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl KafkaValue {
+    fn into_string(self) -> String {
+        match self {
+            KafkaValue::String(s) => s,
+            KafkaValue::Integer(i) => i.to_string(),
+            KafkaValue::Float(f) => f.to_string(),
+            KafkaValue::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+fn duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn durations_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_duration(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. \"500ms\" or \"5s\""))
+}
+
+// ---- loading ---------------------------------------------------------------------------
+
+/// Reads the environment; a function so tests can pass a map instead of the process
+/// environment.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment. Empty values count as unset, as they did in the original.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl Env for BTreeMap<&str, &str> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).map(|v| v.to_string())
+    }
+}
+
+/// Which file to read: the one given, else the installed default if present, else none.
+pub fn resolve_path(service: Service, given: Option<&Path>) -> Option<PathBuf> {
+    match given {
+        Some(path) => Some(path.to_path_buf()),
+        None => {
+            let installed = service.default_config_path();
+            installed.exists().then_some(installed)
+        }
+    }
+}
+
+fn read_file<T: for<'de> Deserialize<'de> + Default>(
+    path: Option<&Path>,
+) -> Result<(T, Origin), ConfigError> {
+    let Some(path) = path else {
+        return Ok((T::default(), Origin::Defaults));
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let deserializer = toml::de::Deserializer::parse(&text).map_err(|e| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let parsed = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let mut inner = e.into_inner();
+        inner.set_input(None);
+        ConfigError::Invalid {
+            origin: Origin::File(path.to_path_buf()),
+            key,
+            reason: inner.message().to_string(),
+        }
+    })?;
+    Ok((parsed, Origin::File(path.to_path_buf())))
+}
+
+fn env_parse<T: std::str::FromStr>(
+    env: &dyn Env,
+    var: &'static str,
+) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env.get(var) {
+        None => Ok(None),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e: T::Err| ConfigError::Invalid {
+                origin: Origin::Env(var),
+                key: var.to_string(),
+                reason: format!("`{raw}`: {e}"),
+            }),
+    }
+}
+
+fn invalid(origin: &Origin, key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin: origin.clone(),
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn common(
+    service: Service,
+    origin: Origin,
+    svc: ServiceSection,
+    log: LogSection,
+    metrics: MetricsSection,
+    kafka: BTreeMap<String, KafkaValue>,
+    topics: TopicsSection,
+    simulate: SimulateSection,
+    env: &dyn Env,
+) -> Result<Common, ConfigError> {
+    let mut kafka: BTreeMap<String, String> = kafka
+        .into_iter()
+        .map(|(k, v)| (k, v.into_string()))
+        .collect();
+    kafka
+        .entry("bootstrap.servers".into())
+        .or_insert_with(|| "localhost:9092".into());
+    let brokers_from_env = env.get("KAFKA_BROKERS");
+    if let Some(brokers) = &brokers_from_env {
+        kafka.insert("bootstrap.servers".into(), brokers.clone());
+    }
+
+    let mut metrics_listen = metrics
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], service.default_metrics_port())));
+    if let Some(port) = env_parse::<u16>(env, "METRICS_PORT")? {
+        metrics_listen.set_port(port);
+    }
+
+    let mut simulate = SimulateConfig {
+        failure_rate: simulate.failure_rate.unwrap_or(0.0),
+        delay: simulate.delay.unwrap_or(Duration::ZERO),
+        stall: simulate.stall.unwrap_or(false),
+    };
+    let mut rate_origin = origin.clone();
+    if let Some(rate) = env_parse::<f64>(env, "SIMULATE_FAILURE_RATE")? {
+        simulate.failure_rate = rate;
+        rate_origin = Origin::Env("SIMULATE_FAILURE_RATE");
+    }
+    if let Some(ms) = env_parse::<u64>(env, "SIMULATE_DELAY_MS")? {
+        simulate.delay = Duration::from_millis(ms);
+    }
+    if !(0.0..=1.0).contains(&simulate.failure_rate) {
+        return Err(invalid(
+            &rate_origin,
+            "simulate.failure_rate",
+            format!("{} is not between 0 and 1", simulate.failure_rate),
+        ));
+    }
+
+    let topics = TopicsConfig {
+        create: topics.create.unwrap_or(true),
+        partitions: topics.partitions.unwrap_or(3),
+        replication_factor: topics.replication_factor.unwrap_or(1),
+    };
+    if topics.partitions < 1 {
+        return Err(invalid(&origin, "topics.partitions", "must be at least 1"));
+    }
+    if topics.replication_factor < 1 {
+        return Err(invalid(
+            &origin,
+            "topics.replication_factor",
+            "must be at least 1",
+        ));
+    }
+
+    let log = LogConfig {
+        level: env
+            .get("LOG_LEVEL")
+            .or(log.level)
+            .unwrap_or_else(|| "info".into()),
+        format: match env.get("LOG_FORMAT") {
+            None => log.format.unwrap_or(LogFormat::Auto),
+            Some(text) => LogFormat::parse(&text).ok_or_else(|| ConfigError::Invalid {
+                origin: Origin::Env("LOG_FORMAT"),
+                key: "LOG_FORMAT".into(),
+                reason: format!("`{text}`: expected auto, journald, text or json"),
+            })?,
+        },
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        return Err(invalid(
+            &origin,
+            "log.level",
+            format!("`{}`: {e}", log.level),
+        ));
+    }
+
+    let common = Common {
+        service_name: env
+            .get("SERVICE_NAME")
+            .or(svc.name)
+            .unwrap_or_else(|| service.default_service_name()),
+        instance_id: env
+            .get("KOP_INSTANCE_ID")
+            .or(svc.instance_id)
+            .unwrap_or_else(|| "0".into()),
+        log,
+        metrics_listen,
+        kafka,
+        topics,
+        simulate,
+        origin,
+    };
+    validate_kafka_properties(&common, brokers_from_env.is_some())?;
+    Ok(common)
+}
+
+/// Lets librdkafka itself judge the passthrough properties, so that a typo fails at start
+/// with the property's name instead of being ignored.
+fn validate_kafka_properties(common: &Common, brokers_from_env: bool) -> Result<(), ConfigError> {
+    let mut client = ClientConfig::new();
+    for (key, value) in &common.kafka {
+        client.set(key, value);
+    }
+    client
+        .create_native_config()
+        .map(drop)
+        .map_err(|e| match e {
+            rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => {
+                let origin = if key == "bootstrap.servers" && brokers_from_env {
+                    Origin::Env("KAFKA_BROKERS")
+                } else {
+                    common.origin.clone()
+                };
+                invalid(&origin, &format!("kafka.\"{key}\""), description)
+            }
+            other => invalid(&common.origin, "kafka", other.to_string()),
+        })
+}
+
+fn topic_name(origin: &Origin, key: &str, name: &str) -> Result<(), ConfigError> {
+    // Kafka's own rule for topic names.
+    let legal = !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if legal {
+        Ok(())
+    } else {
+        Err(invalid(
+            origin,
+            key,
+            format!("`{name}` is not a legal Kafka topic name (1..249 of [a-zA-Z0-9._-])"),
+        ))
+    }
+}
+
+impl OrderConfig {
+    pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        let (file, origin): (OrderFile, Origin) = read_file(path)?;
+        let http = file.http;
+        let common = common(
+            Service::Order,
+            origin.clone(),
+            file.service,
+            file.log,
+            file.metrics,
+            file.kafka,
+            file.topics,
+            file.simulate,
+            env,
+        )?;
+        let mut listen = http
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4000)));
+        if let Some(port) = env_parse::<u16>(env, "PORT")? {
+            listen.set_port(port);
+        }
+        let topic = env
+            .get("ORDER_TOPIC")
+            .or(http.topic)
+            .unwrap_or_else(|| "orders.created".into());
+        topic_name(&origin, "http.topic", &topic)?;
+        let config = OrderConfig {
+            common,
+            listen,
+            topic,
+            max_body_bytes: http.max_body_bytes.unwrap_or(64 * 1024),
+            produce_timeout: http.produce_timeout.unwrap_or(Duration::from_secs(5)),
+            max_pending: http.max_pending.unwrap_or(100_000),
+        };
+        if config.max_body_bytes == 0 {
+            return Err(invalid(&origin, "http.max_body_bytes", "must be positive"));
+        }
+        if config.produce_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                &origin,
+                "http.produce_timeout",
+                "must be at least 100ms",
+            ));
+        }
+        if config.max_pending == 0 {
+            return Err(invalid(&origin, "http.max_pending", "must be positive"));
+        }
+        Ok(config)
+    }
+}
+
+impl StageConfig {
+    pub fn load(service: Service, path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        let wiring = service
+            .stage_wiring()
+            .ok_or_else(|| invalid(&Origin::Defaults, "service", "kop-order is not a stage"))?;
+        let (file, origin): (StageFile, Origin) = read_file(path)?;
+        let stage = file.stage;
+        let retry = file.retry;
+        let common = common(
+            service,
+            origin.clone(),
+            file.service,
+            file.log,
+            file.metrics,
+            file.kafka,
+            file.topics,
+            file.simulate,
+            env,
+        )?;
+
+        let input_from_env = env.get(wiring.input_var);
+        let input = input_from_env
+            .clone()
+            .or(stage.input)
+            .unwrap_or_else(|| wiring.input_default.into());
+        // A retry or DLQ name follows the input topic, as in the original, unless it is given
+        // at the same level: an input renamed by the environment takes the file's names along.
+        let (file_retry, file_dlq) = match input_from_env {
+            Some(_) => (None, None),
+            None => (stage.retry_topic, stage.dlq_topic),
+        };
+        let retry_topic = env
+            .get(wiring.retry_var)
+            .or(file_retry)
+            .unwrap_or_else(|| format!("{input}.retry"));
+        let dlq_topic = env
+            .get(wiring.dlq_var)
+            .or(file_dlq)
+            .unwrap_or_else(|| format!("{input}.dlq"));
+        let output = match wiring.output {
+            None => {
+                if stage.output.is_some() {
+                    return Err(invalid(
+                        &origin,
+                        "stage.output",
+                        format!(
+                            "kop-{} is the last stage and produces nothing",
+                            service.short_name()
+                        ),
+                    ));
+                }
+                None
+            }
+            Some((var, default)) => Some(
+                env.get(var)
+                    .or(stage.output)
+                    .unwrap_or_else(|| default.into()),
+            ),
+        };
+        for (key, name) in [
+            ("stage.input", Some(&input)),
+            ("stage.retry_topic", Some(&retry_topic)),
+            ("stage.dlq_topic", Some(&dlq_topic)),
+            ("stage.output", output.as_ref()),
+        ] {
+            if let Some(name) = name {
+                topic_name(&origin, key, name)?;
+            }
+        }
+        let distinct: std::collections::BTreeSet<_> = [&input, &retry_topic, &dlq_topic]
+            .into_iter()
+            .chain(output.as_ref())
+            .collect();
+        if distinct.len() != 3 + usize::from(output.is_some()) {
+            return Err(invalid(
+                &origin,
+                "stage",
+                "input, retry, DLQ and output topics must all differ",
+            ));
+        }
+
+        let group_id = env
+            .get(wiring.group_var)
+            .or(stage.group_id)
+            .unwrap_or_else(|| common.service_name.clone());
+
+        let mut retry = RetryConfig {
+            max_attempts: retry.max_attempts.unwrap_or(3),
+            delays: retry
+                .delays
+                .unwrap_or_else(|| [1000, 5000, 15000].map(Duration::from_millis).to_vec()),
+        };
+        if let Some(n) = env_parse::<u32>(env, "MAX_PROCESSING_ATTEMPTS")? {
+            retry.max_attempts = n;
+        }
+        if let Some(list) = env.get("RETRY_DELAYS_MS") {
+            retry.delays = list
+                .split(',')
+                .map(|ms| ms.trim().parse::<u64>().map(Duration::from_millis))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ConfigError::Invalid {
+                    origin: Origin::Env("RETRY_DELAYS_MS"),
+                    key: "RETRY_DELAYS_MS".into(),
+                    reason: format!("`{list}` is not a comma list of milliseconds: {e}"),
+                })?;
+        }
+        if retry.max_attempts < 1 {
+            return Err(invalid(&origin, "retry.max_attempts", "must be at least 1"));
+        }
+        if retry.delays.is_empty() {
+            return Err(invalid(&origin, "retry.delays", "needs at least one delay"));
+        }
+
+        let config = StageConfig {
+            common,
+            input,
+            retry_topic,
+            dlq_topic,
+            output,
+            group_id,
+            guarantee: match env.get("PROCESSING_GUARANTEE") {
+                None => stage.processing_guarantee.unwrap_or(Guarantee::ExactlyOnce),
+                Some(text) => Guarantee::parse(&text).ok_or_else(|| ConfigError::Invalid {
+                    origin: Origin::Env("PROCESSING_GUARANTEE"),
+                    key: "PROCESSING_GUARANTEE".into(),
+                    reason: format!("`{text}`: expected exactly-once or at-least-once"),
+                })?,
+            },
+            commit_max_records: stage.commit_max_records.unwrap_or(500),
+            commit_interval: stage.commit_interval.unwrap_or(Duration::from_millis(100)),
+            max_in_flight: stage.max_in_flight.unwrap_or(1000),
+            retry,
+        };
+        if config.commit_max_records == 0 {
+            return Err(invalid(
+                &origin,
+                "stage.commit_max_records",
+                "must be positive",
+            ));
+        }
+        if config.commit_interval.is_zero() {
+            return Err(invalid(
+                &origin,
+                "stage.commit_interval",
+                "must be positive",
+            ));
+        }
+        if config.max_in_flight == 0 {
+            return Err(invalid(&origin, "stage.max_in_flight", "must be positive"));
+        }
+        Ok(config)
+    }
+}
+
+impl RetryConfig {
+    /// Delay before the next attempt, after `attempts_so_far` failed ones (≥ 1).
+    pub fn delay_after(&self, attempts_so_far: u32) -> Duration {
+        let index = (attempts_so_far.max(1) - 1) as usize;
+        self.delays[index.min(self.delays.len() - 1)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> BTreeMap<&'static str, &'static str> {
+        pairs.iter().copied().collect()
+    }
+
+    fn write(text: &str) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("kop.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "kop-config-test-{}-{}",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ));
+                std::fs::create_dir_all(&path).unwrap();
+                Dir(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_without_a_file_match_the_original() {
+        let c = StageConfig::load(Service::Payment, None, &env(&[])).unwrap();
+        assert_eq!(c.input, "orders.created");
+        assert_eq!(c.retry_topic, "orders.created.retry");
+        assert_eq!(c.dlq_topic, "orders.created.dlq");
+        assert_eq!(c.output.as_deref(), Some("payments.completed"));
+        assert_eq!(c.common.metrics_listen.port(), 9104);
+        assert_eq!(c.common.kafka["bootstrap.servers"], "localhost:9092");
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.guarantee, Guarantee::ExactlyOnce);
+        let o = OrderConfig::load(None, &env(&[])).unwrap();
+        assert_eq!(o.listen.port(), 4000);
+        assert_eq!(o.common.metrics_listen.port(), 9100);
+        let n = StageConfig::load(Service::Notification, None, &env(&[])).unwrap();
+        assert_eq!(n.output, None);
+        assert_eq!(n.common.metrics_listen.port(), 9103);
+    }
+
+    #[test]
+    fn environment_overrides_with_the_original_names() {
+        let e = env(&[
+            ("KAFKA_BROKERS", "k1:9092,k2:9092"),
+            ("PAYMENT_COMPLETED_TOPIC", "pay"),
+            ("INVENTORY_RESERVED_TOPIC", "inv"),
+            ("PAYMENT_GROUP_ID", "g"),
+            ("MAX_PROCESSING_ATTEMPTS", "5"),
+            ("RETRY_DELAYS_MS", "10, 20"),
+            ("METRICS_PORT", "19102"),
+            ("SERVICE_NAME", "inv-a"),
+        ]);
+        let c = StageConfig::load(Service::Inventory, None, &e).unwrap();
+        assert_eq!(c.input, "pay");
+        assert_eq!(c.retry_topic, "pay.retry");
+        assert_eq!(c.output.as_deref(), Some("inv"));
+        assert_eq!(c.group_id, "inv-a");
+        assert_eq!(c.common.kafka["bootstrap.servers"], "k1:9092,k2:9092");
+        assert_eq!(c.retry.max_attempts, 5);
+        assert_eq!(c.retry.delay_after(1), Duration::from_millis(10));
+        assert_eq!(c.retry.delay_after(7), Duration::from_millis(20));
+        assert_eq!(c.common.metrics_listen.port(), 19102);
+        let (_dir, path) = write("[stage]\ninput = \"a\"\nretry_topic = \"a.r\"\n");
+        let c = StageConfig::load(Service::Inventory, Some(&path), &env(&[])).unwrap();
+        assert_eq!(c.retry_topic, "a.r");
+        assert_eq!(c.dlq_topic, "a.dlq");
+        let e = env(&[("PAYMENT_COMPLETED_TOPIC", "b")]);
+        let c = StageConfig::load(Service::Inventory, Some(&path), &e).unwrap();
+        assert_eq!(
+            c.retry_topic, "b.retry",
+            "the retry topic follows an input renamed by env"
+        );
+    }
+
+    #[test]
+    fn shipped_files_hold_the_defaults() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/kop");
+        let e = env(&[]);
+        assert_eq!(
+            OrderConfig::load(Some(&root.join("order.toml")), &e)
+                .unwrap()
+                .listen,
+            OrderConfig::load(None, &e).unwrap().listen
+        );
+        for service in [Service::Payment, Service::Inventory, Service::Notification] {
+            let path = root.join(format!("{}.toml", service.short_name()));
+            let mut from_file = StageConfig::load(service, Some(&path), &e).unwrap();
+            let defaults = StageConfig::load(service, None, &e).unwrap();
+            from_file.common.origin = Origin::Defaults;
+            assert_eq!(from_file, defaults, "{}", path.display());
+        }
+        let mut from_file = OrderConfig::load(Some(&root.join("order.toml")), &e).unwrap();
+        from_file.common.origin = Origin::Defaults;
+        assert_eq!(from_file, OrderConfig::load(None, &e).unwrap());
+    }
+
+    fn error_of(text: &str, e: &[(&'static str, &'static str)]) -> String {
+        let (_dir, path) = write(text);
+        StageConfig::load(Service::Payment, Some(&path), &env(e))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let msg = error_of("[retry]\nmax_atempts = 3\n", &[]);
+        assert!(
+            msg.contains("kop.toml") && msg.contains("max_atempts"),
+            "{msg}"
+        );
+        let msg = error_of("[retry]\nmax_attempts = \"three\"\n", &[]);
+        assert!(msg.contains("retry.max_attempts"), "{msg}");
+        let msg = error_of("[stage]\ncommit_interval = \"soon\"\n", &[]);
+        assert!(
+            msg.contains("stage.commit_interval") && msg.contains("soon"),
+            "{msg}"
+        );
+        let msg = error_of("[kafka]\n\"no.such.property\" = 1\n", &[]);
+        assert!(msg.contains("no.such.property"), "{msg}");
+        let msg = error_of("[simulate]\nfailure_rate = 1.5\n", &[]);
+        assert!(msg.contains("simulate.failure_rate"), "{msg}");
+        let msg = error_of("", &[("MAX_PROCESSING_ATTEMPTS", "x")]);
+        assert!(msg.contains("MAX_PROCESSING_ATTEMPTS"), "{msg}");
+        let msg = error_of("[stage\n", &[]);
+        assert!(msg.contains("kop.toml"), "{msg}");
+    }
+}

@@ -1,0 +1,486 @@
+//! What makes a program a well-behaved daemon: command line, logging, service-manager
+//! notifications, the watchdog, signals and a shutdown every task listens to.
+//!
+//! The `main` of each binary is one call into this module.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use sd_notify::NotifyState;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+use crate::config::{
+    self, ConfigError, LogConfig, LogFormat, OrderConfig, ProcessEnv, Service, StageConfig,
+};
+use crate::metrics::{Health, Metrics};
+use crate::stage::{Handler, Stage};
+
+/// Exit status for a failure at run time (Kafka fatal error, port in use); systemd restarts.
+const EX_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+struct Args {
+    /// Configuration file (TOML). Default: /etc/kop/<service>.toml when it exists, else the
+    /// built-in defaults. Environment variables override the file.
+    #[arg(long, short, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Load and validate the configuration, print the result, and exit (0 valid, 78 not).
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// A shutdown signal shared by every task: each holds a `Shutdown` and returns once it fires.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+pub fn shutdown_channel() -> (ShutdownTrigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (ShutdownTrigger(tx), Shutdown(rx))
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Shutdown {
+    /// Resolves once shutdown has been triggered (at once if it already was).
+    pub async fn wait(&mut self) {
+        // An error means every trigger is gone, which only happens at exit: treat as fired.
+        let _ = self.0.wait_for(|fired| *fired).await;
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Sends `WATCHDOG=1` while the loop that owns it keeps calling [`Watchdog::ping`].
+pub struct Watchdog {
+    interval: Option<Duration>,
+    last: Instant,
+}
+
+impl Watchdog {
+    /// Enabled when the service manager set `WATCHDOG_USEC` for this process.
+    pub fn from_env() -> Self {
+        Watchdog {
+            interval: sd_notify::watchdog_enabled().map(|timeout| timeout / 4),
+            last: Instant::now(),
+        }
+    }
+
+    /// How often the owner should call [`Watchdog::ping`] at the least.
+    pub fn tick(&self) -> Duration {
+        self.interval
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(10))
+    }
+
+    pub fn ping(&mut self) {
+        if let Some(interval) = self.interval
+            && self.last.elapsed() >= interval
+        {
+            self.last = Instant::now();
+            notify(&[NotifyState::Watchdog]);
+        }
+    }
+
+    pub fn stopping(&self) {
+        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
+}
+
+/// Tells the service manager; without `NOTIFY_SOCKET` this does nothing.
+pub fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+pub fn status(line: &str) {
+    notify(&[NotifyState::Status(line)]);
+}
+
+/// Changes the log filter at run time (SIGHUP).
+#[derive(Clone)]
+pub struct LogReload(reload::Handle<EnvFilter, Registry>);
+
+impl LogReload {
+    pub fn set_level(&self, level: &str) {
+        match EnvFilter::try_new(level) {
+            Ok(filter) => {
+                if let Err(e) = self.0.reload(filter) {
+                    warn!(error = %e, "cannot change the log level");
+                }
+            }
+            Err(e) => warn!(level, error = %e, "invalid log level"),
+        }
+    }
+}
+
+/// True when stderr is the journal (systemd sets `JOURNAL_STREAM` to its device:inode).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(expected) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    expected.to_string_lossy() == format!("{}:{}", stderr.dev(), stderr.ino())
+}
+
+/// Installs the global logger. Journald fields are the upper-cased field names
+/// (`ORDER_ID`, `TOPIC`, …) so `journalctl -u kop-payment ORDER_ID=o1` finds an order.
+pub fn init_logging(config: &LogConfig, identifier: &str) -> Result<LogReload, String> {
+    let filter = EnvFilter::try_new(&config.level).map_err(|e| e.to_string())?;
+    let (filter, handle) = reload::Layer::new(filter);
+    type Output = Box<
+        dyn Layer<tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>>
+            + Send
+            + Sync,
+    >;
+    let journald = || -> Result<Output, String> {
+        let layer = tracing_journald::layer()
+            .map_err(|e| format!("cannot reach journald: {e}"))?
+            .with_field_prefix(None)
+            .with_syslog_identifier(identifier.to_string());
+        Ok(Box::new(layer))
+    };
+    let text =
+        || -> Output { Box::new(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)) };
+    let output: Output = match config.format {
+        LogFormat::Journald => journald()?,
+        LogFormat::Auto if stderr_is_journal() => journald().unwrap_or_else(|_| text()),
+        LogFormat::Auto | LogFormat::Text => text(),
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(LogReload(handle))
+}
+
+/// SIGTERM and SIGINT trigger the shutdown; SIGHUP calls `reload`.
+fn spawn_signals(
+    trigger: ShutdownTrigger,
+    reload: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    tokio::spawn(async move {
+        while let Some(signal) = signals.next().await {
+            if signal == SIGHUP {
+                let now = sd_notify::NotifyState::monotonic_usec_now().ok();
+                let mut states = vec![NotifyState::Reloading];
+                states.extend(now);
+                notify(&states);
+                reload();
+                notify(&[NotifyState::Ready]);
+            } else {
+                info!(signal, "stopping: finishing the work in progress");
+                notify(&[
+                    NotifyState::Stopping,
+                    NotifyState::Status("stopping: draining"),
+                ]);
+                trigger.trigger();
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Parses the command line and loads the configuration, or exits: 0 after
+/// `--check-config`, 78 on any configuration error, naming the file and key.
+fn load<C>(
+    service: Service,
+    load: impl Fn(Option<&std::path::Path>) -> Result<C, ConfigError>,
+) -> Result<(C, Option<PathBuf>), ExitCode> {
+    let args = Args::parse();
+    let path = config::resolve_path(service, args.config.as_deref());
+    match load(path.as_deref()) {
+        Ok(config) => {
+            if args.check_config {
+                let source = path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "built-in defaults".into());
+                println!("{source}: configuration is valid");
+                return Err(ExitCode::SUCCESS);
+            }
+            Ok((config, path))
+        }
+        Err(e) => {
+            eprintln!("kop-{}: configuration error: {e}", service.short_name());
+            Err(ExitCode::from(config::EX_CONFIG as u8))
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Keeps trying `connect` until it works or shutdown is asked, telling systemd and the log
+/// why the daemon is not ready yet. An unreachable broker is a state to wait out, not a crash.
+async fn connect_with_backoff<
+    T,
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+>(
+    what: &str,
+    brokers: &str,
+    shutdown: &mut Shutdown,
+    mut connect: impl FnMut() -> F,
+) -> Option<T> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        status(&format!("connecting to Kafka at {brokers}"));
+        tokio::select! {
+            _ = shutdown.wait() => return None,
+            result = connect() => match result {
+                Ok(value) => return Some(value),
+                Err(e) => {
+                    error!(brokers, error = %e, "{what}: Kafka is not available; retrying in {delay:?}");
+                    status(&format!("waiting for Kafka at {brokers}: {e}"));
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// `main` of a stage daemon.
+pub fn stage_main(service: Service, handler: Arc<dyn Handler>) -> ExitCode {
+    let (config, path) = match load(service, |p| StageConfig::load(service, p, &ProcessEnv)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EX_FAILURE);
+        }
+    };
+    runtime.block_on(run_stage(service, config, path, handler))
+}
+
+async fn run_stage(
+    service: Service,
+    config: StageConfig,
+    path: Option<PathBuf>,
+    handler: Arc<dyn Handler>,
+) -> ExitCode {
+    let Ok(log) = init_logging(&config.common.log, &format!("kop-{}", service.short_name()))
+        .inspect_err(|e| eprintln!("{e}"))
+    else {
+        return ExitCode::from(EX_FAILURE);
+    };
+    let simulate = Arc::new(RwLock::new(config.common.simulate.clone()));
+    let (trigger, mut shutdown) = shutdown_channel();
+    {
+        let simulate = simulate.clone();
+        let reload = move || match StageConfig::load(service, path.as_deref(), &ProcessEnv) {
+            Ok(fresh) => {
+                log.set_level(&fresh.common.log.level);
+                if let Ok(mut current) = simulate.write() {
+                    *current = fresh.common.simulate.clone();
+                }
+                info!(level = %fresh.common.log.level, simulate = ?fresh.common.simulate, "configuration reloaded");
+            }
+            Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
+        };
+        if let Err(e) = spawn_signals(trigger, reload) {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(EX_FAILURE);
+        }
+    }
+    let Some((metrics, health, server)) = start_metrics(
+        &config.common.service_name,
+        handler.stage(),
+        config.common.metrics_listen,
+        &shutdown,
+    )
+    .await
+    else {
+        return ExitCode::from(EX_FAILURE);
+    };
+
+    let brokers = config
+        .common
+        .kafka
+        .get("bootstrap.servers")
+        .cloned()
+        .unwrap_or_default();
+    let stage = connect_with_backoff("stage", &brokers, &mut shutdown, || {
+        Stage::connect(
+            config.clone(),
+            handler.clone(),
+            metrics.clone(),
+            simulate.clone(),
+        )
+    })
+    .await;
+    let code = match stage {
+        None => ExitCode::SUCCESS,
+        Some(stage) => {
+            health.set_ready(true);
+            let line = match &config.output {
+                Some(output) => format!("{} → {output} ({:?})", config.input, config.guarantee),
+                None => format!("{} → notifications ({:?})", config.input, config.guarantee),
+            };
+            notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+            info!(input = %config.input, retry = %config.retry_topic, dlq = %config.dlq_topic, output = ?config.output, group = %config.group_id, "ready");
+            match stage.run(shutdown.clone(), health.clone()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %e, "stage failed");
+                    ExitCode::from(EX_FAILURE)
+                }
+            }
+        }
+    };
+    health.set_ready(false);
+    let _ = server.await;
+    info!("stopped");
+    code
+}
+
+async fn start_metrics(
+    service_name: &str,
+    stage: &str,
+    listen: std::net::SocketAddr,
+    shutdown: &Shutdown,
+) -> Option<(Arc<Metrics>, Arc<Health>, tokio::task::JoinHandle<()>)> {
+    let metrics = Metrics::new(service_name, stage)
+        .inspect_err(|e| error!(error = %e, "cannot register metrics"))
+        .ok()?;
+    let health = Arc::new(Health::default());
+    let listener = crate::metrics::bind(listen)
+        .await
+        .inspect_err(|e| error!(%listen, error = %e, "cannot listen for metrics"))
+        .ok()?;
+    info!(%listen, "metrics on /metrics, /healthz, /readyz");
+    let server = tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    Some((metrics, health, server))
+}
+
+/// `main` of kop-order.
+pub fn order_main() -> ExitCode {
+    let (config, path) = match load(Service::Order, |p| OrderConfig::load(p, &ProcessEnv)) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EX_FAILURE);
+        }
+    };
+    runtime.block_on(run_order(config, path))
+}
+
+async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
+    let Ok(log) = init_logging(&config.common.log, "kop-order").inspect_err(|e| eprintln!("{e}"))
+    else {
+        return ExitCode::from(EX_FAILURE);
+    };
+    let (trigger, mut shutdown) = shutdown_channel();
+    let reload = move || match OrderConfig::load(path.as_deref(), &ProcessEnv) {
+        Ok(fresh) => {
+            log.set_level(&fresh.common.log.level);
+            info!(level = %fresh.common.log.level, "configuration reloaded");
+        }
+        Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
+    };
+    if let Err(e) = spawn_signals(trigger, reload) {
+        error!(error = %e, "cannot install signal handlers");
+        return ExitCode::from(EX_FAILURE);
+    }
+    let Some((metrics, health, server)) = start_metrics(
+        &config.common.service_name,
+        "order",
+        config.common.metrics_listen,
+        &shutdown,
+    )
+    .await
+    else {
+        return ExitCode::from(EX_FAILURE);
+    };
+    let brokers = config
+        .common
+        .kafka
+        .get("bootstrap.servers")
+        .cloned()
+        .unwrap_or_default();
+    let api = connect_with_backoff("order API", &brokers, &mut shutdown, || {
+        crate::http::OrderApi::connect(config.clone(), metrics.clone())
+    })
+    .await;
+    let code = match api {
+        None => ExitCode::SUCCESS,
+        Some(api) => match crate::http::bind(config.listen).await {
+            Err(e) => {
+                error!(listen = %config.listen, error = %e, "cannot listen for the API");
+                ExitCode::from(EX_FAILURE)
+            }
+            Ok(listener) => {
+                health.set_ready(true);
+                let line = format!("POST http://{}/order → {}", config.listen, config.topic);
+                notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+                info!(listen = %config.listen, topic = %config.topic, "ready");
+                let watchdog = tokio::spawn(ping_while_running(shutdown.clone()));
+                api.serve(listener, shutdown.clone()).await;
+                let _ = watchdog.await;
+                ExitCode::SUCCESS
+            }
+        },
+    };
+    health.set_ready(false);
+    let _ = server.await;
+    info!("stopped");
+    code
+}
+
+/// kop-order has no processing loop of its own: the runtime answering is what is watched.
+async fn ping_while_running(mut shutdown: Shutdown) {
+    let mut watchdog = Watchdog::from_env();
+    let mut tick = tokio::time::interval(watchdog.tick());
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => watchdog.ping(),
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! The order API (`POST /order`) and the HTTP plumbing shared with the metrics server.
+//!
+//! A request is answered `202` only after the broker acknowledged the record, so an
+//! accepted order is never lost. Every refusal is JSON `{error, field?}` with a status that
+//! tells the client what to do: fix the request (4xx) or come back later (503 with
+//! `Retry-After`, when Kafka cannot take the record in time). Memory stays bounded: bodies
+//! are capped and the producer's queue is finite; a full queue answers 503 at once.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::OrderConfig;
+use crate::daemon::Shutdown;
+use crate::event::{Order, OrderCreated, now_ms};
+use crate::kafka::{self, H_TRACEPARENT};
+use crate::metrics::Metrics;
+
+/// How long in-flight requests may take to finish after shutdown was asked.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Accepts HTTP/1 connections until shutdown, then lets the open ones finish (bounded).
+pub async fn serve_connections<F, Fut>(listener: TcpListener, mut shutdown: Shutdown, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // Bounds the time a slow client may take to send its headers.
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = hyper::service::service_fn(handler.clone());
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("some connections were still open after {DRAIN_TIMEOUT:?}");
+    }
+}
+
+pub struct OrderApi {
+    producer: FutureProducer,
+    config: OrderConfig,
+    metrics: Arc<Metrics>,
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: &Value) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error_response(status: StatusCode, error: &str, field: Option<&str>) -> HttpResponse {
+    let body = match field {
+        Some(field) => json!({ "error": error, "field": field }),
+        None => json!({ "error": error }),
+    };
+    json_response(status, &body)
+}
+
+fn unavailable(error: &str) -> HttpResponse {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, error, None);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// A request the API refuses, with the status and field to report.
+struct Refusal {
+    status: StatusCode,
+    error: String,
+    field: Option<String>,
+}
+
+impl Refusal {
+    fn bad(error: impl Into<String>, field: Option<String>) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            error: error.into(),
+            field,
+        }
+    }
+}
+
+const ORDER_FIELDS: [&str; 5] = ["orderId", "amount", "currency", "customerId", "items"];
+const ITEM_FIELDS: [&str; 2] = ["sku", "qty"];
+
+/// Parses and validates an order body; the error names the offending field.
+pub fn parse_order(body: &[u8]) -> Result<Order, (String, Option<String>)> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| (format!("body is not valid JSON: {e}"), None))?;
+    let Value::Object(object) = &value else {
+        return Err(("body must be a JSON object".into(), None));
+    };
+    if let Some(unknown) = object.keys().find(|k| !ORDER_FIELDS.contains(&k.as_str())) {
+        return Err((format!("unknown field `{unknown}`"), Some(unknown.clone())));
+    }
+    if let Some(Value::Array(items)) = object.get("items") {
+        for (i, item) in items.iter().enumerate() {
+            if let Value::Object(item) = item
+                && let Some(unknown) = item.keys().find(|k| !ITEM_FIELDS.contains(&k.as_str()))
+            {
+                return Err((
+                    format!("unknown field `{unknown}`"),
+                    Some(format!("items[{i}].{unknown}")),
+                ));
+            }
+        }
+    }
+    let order: Order = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // serde reports a missing field at the parent's path; the field itself is in the message.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|name| {
+                if path == "." {
+                    name.to_string()
+                } else {
+                    format!("{path}.{name}")
+                }
+            });
+        let field = missing.or((path != ".").then_some(path));
+        (message, field)
+    })?;
+    order.validate().map_err(|v| (v.message, Some(v.field)))?;
+    Ok(order)
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    let Some(Ok(value)) = content_type.map(HeaderValue::to_str) else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+impl OrderApi {
+    /// Creates the producer and makes sure the broker answers and the topic exists.
+    pub async fn connect(
+        config: OrderConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, KafkaError> {
+        let common = &config.common;
+        if common.topics.create {
+            let created =
+                kafka::ensure_topics(common, &[&config.topic], Duration::from_secs(30)).await?;
+            if !created.is_empty() {
+                info!(topics = ?created, "created topics");
+            }
+        }
+        let producer: FutureProducer =
+            kafka::order_producer_config(common, config.produce_timeout, config.max_pending)
+                .create()?;
+        let probe = producer.clone();
+        let topic = config.topic.clone();
+        tokio::task::spawn_blocking(move || kafka::require_topics(probe.client(), &[&topic]))
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        Ok(Arc::new(OrderApi {
+            producer,
+            config,
+            metrics,
+        }))
+    }
+
+    /// Serves the API until shutdown, then flushes what the producer still holds.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let api = self.clone();
+        serve_connections(listener, shutdown, move |req| {
+            let api = api.clone();
+            async move { Ok(api.handle(req).await) }
+        })
+        .await;
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> HttpResponse {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path_label = if req.uri().path() == "/order" {
+            "/order"
+        } else {
+            "other"
+        };
+        let response = self.route(req).await;
+        self.metrics
+            .http_requests
+            .with_label_values(&[response.status().as_str()])
+            .inc();
+        self.metrics
+            .http_duration
+            .with_label_values(&[method.as_str(), path_label])
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> HttpResponse {
+        if req.uri().path() != "/order" {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "no such resource; the API is POST /order",
+                None,
+            );
+        }
+        if req.method() != Method::POST {
+            let mut response =
+                error_response(StatusCode::METHOD_NOT_ALLOWED, "use POST /order", None);
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        }
+        match self.accept(req).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                let mut response =
+                    error_response(refusal.status, &refusal.error, refusal.field.as_deref());
+                if refusal.status == StatusCode::SERVICE_UNAVAILABLE {
+                    response
+                        .headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                response
+            }
+        }
+    }
+
+    async fn accept(&self, req: Request<Incoming>) -> Result<HttpResponse, Refusal> {
+        let limit = self.config.max_body_bytes;
+        if !is_json(req.headers().get(CONTENT_TYPE)) {
+            return Err(Refusal {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                error: "send the order as Content-Type: application/json".into(),
+                field: None,
+            });
+        }
+        let too_large = || Refusal {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            error: format!("body larger than {limit} bytes"),
+            field: None,
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(too_large());
+        }
+        let traceparent = req
+            .headers()
+            .get(H_TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::trace::next_hop)
+            .unwrap_or_else(crate::trace::new_traceparent);
+        let body = match Limited::new(req.into_body(), limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => return Err(Refusal::bad(format!("cannot read the body: {e}"), None)),
+        };
+        let order = parse_order(&body).map_err(|(error, field)| Refusal::bad(error, field))?;
+
+        let event = OrderCreated {
+            order,
+            accepted_at: now_ms(),
+        };
+        let payload = serde_json::to_vec(&event).map_err(|e| Refusal {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: format!("cannot encode the event: {e}"),
+            field: None,
+        })?;
+        let order_id = event.order.order_id.as_str();
+        let headers = kafka::with_header(
+            rdkafka::message::OwnedHeaders::new(),
+            H_TRACEPARENT,
+            &traceparent,
+        );
+        let record = FutureRecord::to(&self.config.topic)
+            .key(order_id)
+            .payload(&payload)
+            .headers(headers);
+        let delivery = match self.producer.send_result(record) {
+            Ok(delivery) => delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Ok(unavailable(
+                    "too many orders waiting for Kafka; retry later",
+                ));
+            }
+            Err((e, _)) => {
+                warn!(order_id, error = %e, "cannot hand the order to the producer");
+                return Ok(unavailable(&format!("Kafka refused the order: {e}")));
+            }
+        };
+        match delivery.await {
+            Ok(Ok(delivery)) => {
+                self.metrics
+                    .produced
+                    .with_label_values(&[&self.config.topic])
+                    .inc();
+                info!(
+                    order_id,
+                    topic = %self.config.topic,
+                    partition = delivery.partition,
+                    offset = delivery.offset,
+                    trace_id = crate::trace::trace_id(&traceparent).unwrap_or(""),
+                    "order accepted"
+                );
+                Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &json!({
+                        "orderId": order_id,
+                        "status": "accepted",
+                        "partition": delivery.partition,
+                        "offset": delivery.offset,
+                    }),
+                ))
+            }
+            Ok(Err((e, _))) => {
+                warn!(order_id, error = %e, "order not acknowledged by Kafka");
+                Ok(unavailable(&format!(
+                    "Kafka did not acknowledge the order in time: {e}"
+                )))
+            }
+            Err(_) => Ok(unavailable("the producer was shut down")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_names_the_field() {
+        assert!(parse_order(br#"{"orderId":"o1","amount":42}"#).is_ok());
+        let field = |body: &[u8]| parse_order(body).unwrap_err().1;
+        assert_eq!(
+            field(br#"{"orderId":"o1","amount":"42"}"#).as_deref(),
+            Some("amount")
+        );
+        assert_eq!(field(br#"{"orderId":"o1"}"#).as_deref(), Some("amount"));
+        assert_eq!(
+            field(br#"{"orderId":"o 1","amount":1}"#).as_deref(),
+            Some("orderId")
+        );
+        assert_eq!(
+            field(br#"{"orderId":"o1","amount":1,"x":1}"#).as_deref(),
+            Some("x")
+        );
+        assert_eq!(
+            field(br#"{"orderId":"o1","amount":1,"items":[{"sku":"a","qty":0}]}"#).as_deref(),
+            Some("items[0].qty")
+        );
+        assert_eq!(
+            field(br#"{"orderId":"o1","amount":1,"items":[{"sku":"a","qty":-1}]}"#).as_deref(),
+            Some("items[0].qty")
+        );
+        assert_eq!(field(b"[1]"), None);
+        assert_eq!(field(b"{"), None);
+    }
+
+    #[test]
+    fn json_content_types() {
+        let v = |s: &'static str| Some(HeaderValue::from_static(s));
+        assert!(is_json(v("application/json").as_ref()));
+        assert!(is_json(v("Application/JSON; charset=utf-8").as_ref()));
+        assert!(is_json(v("application/vnd.kop+json").as_ref()));
+        assert!(!is_json(v("text/plain").as_ref()));
+        assert!(!is_json(None));
+    }
+}

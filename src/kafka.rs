@@ -1,0 +1,210 @@
+//! Kafka clients built from the configuration, topic creation, and record headers.
+//!
+//! The `[kafka]` table goes to librdkafka untouched; kop only adds what its guarantees
+//! depend on (idempotence, transactions, isolation level, manual commits), and those win
+//! over the table because the delivery semantics the README promises rest on them.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+use crate::config::Common;
+
+pub const H_ATTEMPT: &str = "x-attempt";
+pub const H_ERROR: &str = "x-error";
+pub const H_ORIGIN_TOPIC: &str = "x-origin-topic";
+pub const H_ORIGIN_PARTITION: &str = "x-origin-partition";
+pub const H_ORIGIN_OFFSET: &str = "x-origin-offset";
+pub const H_RETRY_AT: &str = "x-retry-at";
+pub const H_SERVICE: &str = "x-service";
+pub const H_TRACEPARENT: &str = "traceparent";
+
+/// Headers kop itself writes when it routes a failure; they are replaced, never copied.
+pub const ROUTING_HEADERS: [&str; 7] = [
+    H_ATTEMPT,
+    H_ERROR,
+    H_ORIGIN_TOPIC,
+    H_ORIGIN_PARTITION,
+    H_ORIGIN_OFFSET,
+    H_RETRY_AT,
+    H_SERVICE,
+];
+
+/// The passthrough properties plus a client id naming the service.
+pub fn base_config(common: &Common) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set(
+        "client.id",
+        format!("{}-{}", common.service_name, common.instance_id),
+    );
+    for (key, value) in &common.kafka {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The idempotent producer of the order edge: no duplicates from internal retries, records
+/// acknowledged by all in-sync replicas.
+pub fn order_producer_config(
+    common: &Common,
+    delivery_timeout: Duration,
+    max_pending: u32,
+) -> ClientConfig {
+    let mut config = base_config(common);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        )
+        .set("queue.buffering.max.messages", max_pending.to_string());
+    config
+        .get("linger.ms")
+        .is_none()
+        .then(|| config.set("linger.ms", "5"));
+    config
+}
+
+/// A stage's producer. With a transactional id it writes exactly once; without, it is the
+/// idempotent producer of the at-least-once mode.
+pub fn stage_producer_config(common: &Common, transactional_id: Option<&str>) -> ClientConfig {
+    let mut config = base_config(common);
+    config.set("enable.idempotence", "true").set("acks", "all");
+    if let Some(id) = transactional_id {
+        // message.timeout.ms must stay below transaction.timeout.ms.
+        config
+            .set("transactional.id", id)
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "30000");
+    }
+    config
+        .get("linger.ms")
+        .is_none()
+        .then(|| config.set("linger.ms", "5"));
+    config
+}
+
+/// A stage's consumer: offsets are committed by kop only once the outcome of a record is
+/// durable, and aborted transactions are never read.
+pub fn stage_consumer_config(common: &Common, group_id: &str) -> ClientConfig {
+    let mut config = base_config(common);
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("statistics.interval.ms", "5000");
+    // A read_committed fetch waits for the transaction to commit; the default 500 ms wait
+    // would add up at every hop.
+    config
+        .get("fetch.wait.max.ms")
+        .is_none()
+        .then(|| config.set("fetch.wait.max.ms", "50"));
+    config
+        .get("auto.offset.reset")
+        .is_none()
+        .then(|| config.set("auto.offset.reset", "earliest"));
+    config
+}
+
+/// Creates the topics that are missing; existing ones are left as they are.
+pub async fn ensure_topics(
+    common: &Common,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<Vec<String>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(common).create()?;
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                common.topics.partitions,
+                TopicReplication::Fixed(common.topics.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = admin.create_topics(&topics, &options).await?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic = %name, error = %code, "cannot create topic");
+                });
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// A header's value as text: `None` when absent, `Err` when present but not UTF-8 (or null).
+pub fn header_str<'a, H: Headers>(headers: &'a H, name: &str) -> Option<Result<&'a str, String>> {
+    // The last occurrence wins, as in Kafka's own `Headers.lastHeader`.
+    let header = headers.iter().filter(|h| h.key == name).last()?;
+    Some(match header.value {
+        None => Err(format!("header {name} has no value")),
+        Some(bytes) => {
+            std::str::from_utf8(bytes).map_err(|_| format!("header {name} is not UTF-8"))
+        }
+    })
+}
+
+/// Copies headers, leaving out the given names.
+pub fn copy_headers_except<H: Headers>(headers: Option<&H>, skip: &[&str]) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    if let Some(headers) = headers {
+        for h in headers.iter().filter(|h| !skip.contains(&h.key)) {
+            out = out.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    out
+}
+
+/// Appends a text header.
+pub fn with_header(headers: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
+    headers.insert(Header {
+        key,
+        value: Some(value),
+    })
+}
+
+/// Asks the broker for metadata until the topics show up (a topic just created takes a
+/// moment to appear everywhere): proof that Kafka answers and that the daemon can work.
+/// Blocking; call it off the async workers.
+pub fn require_topics<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    names: &[&str],
+) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
+        let missing = names.iter().find(|name| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == **name && t.error().is_none() && !t.partitions().is_empty())
+        });
+        match missing {
+            None => return Ok(()),
+            Some(name) if std::time::Instant::now() >= deadline => {
+                tracing::error!(topic = name, "topic does not exist");
+                return Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::UnknownTopicOrPartition,
+                ));
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
