@@ -119,6 +119,9 @@ pub async fn ensure_topics(
     timeout: Duration,
 ) -> Result<Vec<String>, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base_config(common).create()?;
+    // Without a broker the admin request would only give up after its own long timeout;
+    // asking for metadata first says within seconds that nobody answers.
+    tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, Duration::from_secs(5)))?;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
@@ -129,7 +132,9 @@ pub async fn ensure_topics(
             )
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
     let results = admin.create_topics(&topics, &options).await?;
     let mut created = Vec::new();
     for result in results {

@@ -413,7 +413,17 @@ pub fn consume(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<OwnedMessage> {
-    let mut config = kafka_config();
+    consume_with(kafka_config(), topic, expected, timeout, settle)
+}
+
+/// [`consume`] from another broker.
+pub fn consume_with(
+    mut config: ClientConfig,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<OwnedMessage> {
     config
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
