@@ -66,6 +66,9 @@ ensure_system_packages() {
 		build-essential cmake pkg-config libssl-dev zlib1g-dev python3 perl # librdkafka's build
 		ca-certificates                                                      # Maven Central over HTTPS
 		kcat                                                                 # broker readiness check, debugging
+		prometheus docker-compose                                            # promtool, compose file checks
+		systemd-container debootstrap                                        # the test under a real systemd
+		nix-bin                                                              # nix-instantiate --parse
 	)
 	# Java and Maven only run the broker; any installation of them will do.
 	command -v java >/dev/null || wanted+=(default-jre-headless)

@@ -13,6 +13,7 @@ pub mod event;
 pub mod handlers;
 pub mod http;
 pub mod kafka;
+pub mod load;
 pub mod metrics;
 pub mod retry;
 pub mod stage;
