@@ -64,6 +64,7 @@ ensure_system_packages() {
 	fi
 	local wanted=(
 		build-essential cmake pkg-config libssl-dev zlib1g-dev python3 perl # librdkafka's build
+		python3-venv                                                         # schemathesis' virtualenv
 		ca-certificates                                                      # Maven Central over HTTPS
 		kcat                                                                 # broker readiness check, debugging
 		prometheus docker-compose                                            # promtool, compose file checks
@@ -105,6 +106,19 @@ ensure_rust() {
 	command -v cargo >/dev/null || die "cargo not found: install Rust (rustup, stable, edition 2024) first"
 	cargo fmt --version &>/dev/null || die "rustfmt missing: rustup component add rustfmt"
 	cargo clippy --version &>/dev/null || die "clippy missing: rustup component add clippy"
+}
+
+# schemathesis (PyPI) fuzzes the order API from openapi.yaml; it lives in a virtualenv of
+# its own so that nothing is installed into the system's Python.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+	local venv=${KOP_SCHEMATHESIS_VENV:-$HOME/.cache/kop/schemathesis-venv}
+	if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+		log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+		python3 -m venv "$venv"
+		"$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+	fi
+	export KOP_SCHEMATHESIS=$venv/bin/schemathesis
 }
 
 # ---------------------------------------------------------------------------
@@ -199,6 +213,7 @@ main() {
 	cd "$REPO_ROOT"
 	ensure_system_packages
 	ensure_rust
+	ensure_schemathesis
 
 	# Stop the broker on every way out. INT/TERM turn into a normal exit so
 	# the EXIT handler runs exactly once (bash runs it after the current

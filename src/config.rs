@@ -219,6 +219,15 @@ pub enum Guarantee {
     AtLeastOnce,
 }
 
+impl std::fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Guarantee::ExactlyOnce => "exactly-once",
+            Guarantee::AtLeastOnce => "at-least-once",
+        })
+    }
+}
+
 impl Guarantee {
     fn parse(text: &str) -> Option<Self> {
         match text.trim() {

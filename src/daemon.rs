@@ -90,16 +90,13 @@ impl Watchdog {
     }
 
     pub fn ping(&mut self) {
+        // Half the interval: a tick that fires a little early still pings.
         if let Some(interval) = self.interval
-            && self.last.elapsed() >= interval
+            && self.last.elapsed() >= interval / 2
         {
             self.last = Instant::now();
             notify(&[NotifyState::Watchdog]);
         }
-    }
-
-    pub fn stopping(&self) {
-        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
 }
 
@@ -160,8 +157,15 @@ pub fn init_logging(config: &LogConfig, identifier: &str) -> Result<LogReload, S
             .with_syslog_identifier(identifier.to_string());
         Ok(Box::new(layer))
     };
-    let text =
-        || -> Output { Box::new(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)) };
+    // Colours only for a person at a terminal, not in files or the journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text = || -> Output {
+        Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr),
+        )
+    };
     let output: Output = match config.format {
         LogFormat::Journald => journald()?,
         LogFormat::Auto if stderr_is_journal() => journald().unwrap_or_else(|_| text()),
@@ -351,8 +355,8 @@ async fn run_stage(
         Some(stage) => {
             health.set_ready(true);
             let line = match &config.output {
-                Some(output) => format!("{} → {output} ({:?})", config.input, config.guarantee),
-                None => format!("{} → notifications ({:?})", config.input, config.guarantee),
+                Some(output) => format!("{} → {output} ({})", config.input, config.guarantee),
+                None => format!("{} → notifications ({})", config.input, config.guarantee),
             };
             notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
             info!(input = %config.input, retry = %config.retry_topic, dlq = %config.dlq_topic, output = ?config.output, group = %config.group_id, "ready");

@@ -145,6 +145,13 @@ pub fn parse_order(body: &[u8]) -> Result<Order, (String, Option<String>)> {
     if let Some(unknown) = object.keys().find(|k| !ORDER_FIELDS.contains(&k.as_str())) {
         return Err((format!("unknown field `{unknown}`"), Some(unknown.clone())));
     }
+    // An optional field is left out, not null (the contract's types have no null).
+    if let Some((name, _)) = object.iter().find(|(_, v)| v.is_null()) {
+        return Err((
+            format!("`{name}` must not be null; leave it out instead"),
+            Some(name.clone()),
+        ));
+    }
     if let Some(Value::Array(items)) = object.get("items") {
         for (i, item) in items.iter().enumerate() {
             if let Value::Object(item) = item
@@ -412,6 +419,10 @@ mod tests {
         assert_eq!(
             field(br#"{"orderId":"o1","amount":1,"items":[{"sku":"a","qty":-1}]}"#).as_deref(),
             Some("items[0].qty")
+        );
+        assert_eq!(
+            field(br#"{"orderId":"o1","amount":1,"items":null}"#).as_deref(),
+            Some("items")
         );
         assert_eq!(field(b"[1]"), None);
         assert_eq!(field(b"{"), None);

@@ -43,8 +43,9 @@ use crate::kafka::{self, H_TRACEPARENT};
 use crate::metrics::{Health, Metrics};
 use crate::retry::{self, Destination, HandlerError, OriginCoordinates};
 
-/// Timeout of every blocking transaction and commit call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of every blocking transaction and commit call; well inside the units'
+/// `WatchdogSec`, so a broker that hangs ends in an abort or a restart, not a watchdog kill.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A consumed record, detached from the consumer.
 #[derive(Debug, Clone)]
@@ -363,11 +364,19 @@ impl Stage {
                 }
             }
             watchdog.ping();
-            self.finish(batch).await?;
+            // Outcomes may take a while (a slow broker, a long simulated delay): the loop is
+            // waiting, not stuck, so it keeps telling the watchdog.
+            let finish = self.finish(batch);
+            tokio::pin!(finish);
+            loop {
+                tokio::select! {
+                    result = &mut finish => { result?; break; }
+                    _ = tick.tick() => watchdog.ping(),
+                }
+            }
             health.set_ready(true);
         }
         info!("draining done; leaving the group");
-        watchdog.stopping();
         self.consumer.unsubscribe();
         let producer = self.shared.producer.clone();
         blocking(move || producer.flush(CALL_TIMEOUT)).await?.ok();
@@ -733,7 +742,7 @@ async fn process(record: &Inbound, shared: &Shared) -> Result<(), KafkaError> {
             metrics.end_to_end.observe(latency as f64 / 1000.0);
             if let (Some(topic), Some(value)) = (&config.output, &handled.output) {
                 let headers = next_hop_headers(record.headers.as_ref());
-                send(shared, topic, record.key.as_deref(), value, headers).await?;
+                send(shared, topic, record.key.as_deref(), Some(value), headers).await?;
             }
             info!(
                 order_id = %handled.order_id,
@@ -775,8 +784,14 @@ async fn process(record: &Inbound, shared: &Shared) -> Result<(), KafkaError> {
                 retry_at,
                 &config.common.service_name,
             );
-            let payload = record.payload.as_deref().unwrap_or_default();
-            send(shared, topic, record.key.as_deref(), payload, headers).await?;
+            send(
+                shared,
+                topic,
+                record.key.as_deref(),
+                record.payload.as_deref(),
+                headers,
+            )
+            .await?;
             let counter = if retry_at.is_some() {
                 &metrics.retries
             } else {
@@ -819,12 +834,14 @@ async fn send(
     shared: &Shared,
     topic: &str,
     key: Option<&[u8]>,
-    payload: &[u8],
+    payload: Option<&[u8]>,
     headers: OwnedHeaders,
 ) -> Result<(), KafkaError> {
-    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-        .payload(payload)
-        .headers(headers);
+    // A null value stays null: a dead letter is the record as it came.
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+    if let Some(payload) = payload {
+        record = record.payload(payload);
+    }
     if let Some(key) = key {
         record = record.key(key);
     }

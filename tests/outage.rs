@@ -4,66 +4,18 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A broker owned by one test, in a state directory of its own; stopped when dropped.
-struct OwnBroker {
-    state: PathBuf,
-    address: String,
-}
-
-impl OwnBroker {
-    fn start(state: PathBuf, port: u16) -> OwnBroker {
-        let output = Command::new(repo().join("scripts/kafka.sh"))
-            .args(["start", "--port", &port.to_string()])
-            .env("KOP_KAFKA_STATE", &state)
-            .output()
-            .expect("run scripts/kafka.sh");
-        assert!(
-            output.status.success(),
-            "scripts/kafka.sh start failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let address = stdout
-            .lines()
-            .last()
-            .expect("bootstrap address")
-            .trim()
-            .to_string();
-        OwnBroker { state, address }
-    }
-
-    fn stop(&self) {
-        let status = Command::new(repo().join("scripts/kafka.sh"))
-            .arg("stop")
-            .env("KOP_KAFKA_STATE", &self.state)
-            .status()
-            .expect("run scripts/kafka.sh");
-        assert!(status.success());
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/kafka.sh"))
-            .arg("reset")
-            .env("KOP_KAFKA_STATE", &self.state)
-            .status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_is_waited_out() {
     // The shared broker must exist too: this suite never runs without one.
     let _ = brokers();
-    let state = std::env::temp_dir().join(unique("kop-outage-broker"));
-    let port = free_port();
-    let broker = OwnBroker::start(state, port);
+    let broker = OwnBroker::start(
+        std::env::temp_dir().join(unique("kop-outage-broker")),
+        free_port(),
+    );
 
     let mut pipeline = Pipeline::new();
     pipeline
@@ -101,10 +53,7 @@ async fn a_broker_outage_is_waited_out() {
     }
 
     // Back on the same port: orders flow again, and the one accepted before went through.
-    let broker = OwnBroker::start(
-        broker.state.clone(),
-        broker.address.rsplit(':').next().unwrap().parse().unwrap(),
-    );
+    broker.restart();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, _) = post_order(port, "after", 1.0).await;

@@ -523,3 +523,65 @@ pub fn count_by_order(messages: &[OwnedMessage]) -> HashMap<String, usize> {
     }
     counts
 }
+
+/// A broker owned by one test, in a state directory of its own; stopped when dropped.
+pub struct OwnBroker {
+    pub state: PathBuf,
+    pub address: String,
+}
+
+impl OwnBroker {
+    pub fn start(state: PathBuf, port: u16) -> OwnBroker {
+        let output = Command::new(repo().join("scripts/kafka.sh"))
+            .args(["start", "--port", &port.to_string()])
+            .env("KOP_KAFKA_STATE", &state)
+            .output()
+            .expect("run scripts/kafka.sh");
+        assert!(
+            output.status.success(),
+            "scripts/kafka.sh start failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let address = stdout
+            .lines()
+            .last()
+            .expect("bootstrap address")
+            .trim()
+            .to_string();
+        OwnBroker { state, address }
+    }
+
+    pub fn stop(&self) {
+        let status = Command::new(repo().join("scripts/kafka.sh"))
+            .arg("stop")
+            .env("KOP_KAFKA_STATE", &self.state)
+            .status()
+            .expect("run scripts/kafka.sh");
+        assert!(status.success());
+    }
+}
+
+impl OwnBroker {
+    /// Starts it again on the same port, with its data.
+    pub fn restart(&self) {
+        let port: u16 = self
+            .address
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let again = OwnBroker::start(self.state.clone(), port);
+        assert_eq!(again.address, self.address);
+        std::mem::forget(again);
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/kafka.sh"))
+            .arg("reset")
+            .env("KOP_KAFKA_STATE", &self.state)
+            .status();
+    }
+}
