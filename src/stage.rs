@@ -148,16 +148,31 @@ impl ClientContext for StageContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                // Partition -1 is librdkafka's internal unassigned-messages queue; -1 lag means unknown.
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                if let Some(lag) = partition_lag(*partition, p) {
                     self.metrics
                         .consumer_lag
                         .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(p.consumer_lag);
+                        .set(lag);
                 }
             }
         }
     }
+}
+
+/// Records between this consumer's position and the end of what it may read (the last
+/// stable offset, as it reads `read_committed`). librdkafka's own `consumer_lag` counts from
+/// the committed offset, which the consumer does not learn when offsets are committed
+/// through the producer's transaction; the position is known in both modes, and in both it
+/// is at most one batch ahead of the committed offset.
+fn partition_lag(partition: i32, p: &rdkafka::statistics::Partition) -> Option<i64> {
+    // Partition -1 is librdkafka's internal queue; negative offsets mean "not known yet".
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    (partition >= 0 && p.desired && end >= 0 && p.app_offset >= 0)
+        .then(|| (end - p.app_offset).max(0))
 }
 
 impl ConsumerContext for StageContext {

@@ -35,6 +35,29 @@ async fn orders_flow_exactly_once(guarantee: &str) {
         assert!(header(m, "traceparent").is_some());
     }
 
+    // One trace per order, from the API to the last topic.
+    let created = consume(
+        &pipeline.orders,
+        500,
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
+    let trace_of = |m: &rdkafka::message::OwnedMessage| {
+        header(m, "traceparent").and_then(|t| kop::trace::trace_id(&t).map(str::to_string))
+    };
+    let traces: std::collections::HashMap<String, String> = created
+        .iter()
+        .map(|m| (key(m), trace_of(m).expect("a valid traceparent")))
+        .collect();
+    for m in &reserved {
+        assert_eq!(
+            trace_of(m).as_ref(),
+            traces.get(&key(m)),
+            "trace of {}",
+            key(m)
+        );
+    }
+
     // Notified: the last stage handled all 500 and committed them.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -90,6 +113,23 @@ async fn orders_flow_exactly_once(guarantee: &str) {
     );
     assert!(payment_metrics.contains("kop_end_to_end_latency_seconds_count"));
     assert!(payment_metrics.contains("process_resident_memory_bytes"));
+    // Consumer lag from librdkafka's statistics (every 5 s), per consumed partition.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = pipeline.daemon("inventory").metrics().await;
+        let topic_label = format!("topic=\"{}\"", pipeline.payments);
+        if text
+            .lines()
+            .any(|l| l.starts_with("kafka_consumer_lag{") && l.contains(&topic_label))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no consumer lag gauge:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
