@@ -67,7 +67,7 @@ ensure_system_packages() {
 		python3-venv                                                         # schemathesis' virtualenv
 		ca-certificates                                                      # Maven Central over HTTPS
 		kcat                                                                 # broker readiness check, debugging
-		prometheus docker-compose                                            # promtool, compose file checks
+		prometheus docker-compose python3-yaml                               # promtool, compose file checks
 		systemd-container debootstrap                                        # the test under a real systemd
 		nix-bin                                                              # nix-instantiate --parse
 	)

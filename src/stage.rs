@@ -262,6 +262,23 @@ impl Stage {
         simulate: Arc<RwLock<SimulateConfig>>,
     ) -> Result<Self, StageError> {
         let common = &config.common;
+        // Every series a stage can produce exists from the start, at 0, so that rate() and
+        // increase() (and the alerts built on them) see the first retry, dead letter or abort.
+        for outcome in ["commit", "abort"] {
+            metrics.transactions.with_label_values(&[outcome]);
+        }
+        metrics.retries.with_label_values(&[&config.retry_topic]);
+        metrics.dead_letters.with_label_values(&[&config.dlq_topic]);
+        for topic in [&config.input, &config.retry_topic] {
+            metrics.consumed.with_label_values(&[topic]);
+        }
+        for topic in config
+            .output
+            .iter()
+            .chain([&config.retry_topic, &config.dlq_topic])
+        {
+            metrics.produced.with_label_values(&[topic]);
+        }
         let mut topics = vec![
             config.input.as_str(),
             config.retry_topic.as_str(),

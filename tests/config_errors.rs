@@ -24,15 +24,15 @@ struct Outcome {
 /// Runs `kop-<service>` with the given arguments and only the given environment; kills it
 /// (and fails) if it has not exited within 20 s.
 fn run(service: &str, args: &[&str], env: &[(&str, &str)]) -> Outcome {
-    let mut child = spawn_retrying(
-        Command::new(binary(&format!("kop-{service}")))
-            .args(args)
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
+    let mut child = Command::new(binary(&format!("kop-{service}")))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let stdout = std::thread::spawn(move || {
@@ -64,26 +64,6 @@ fn run(service: &str, args: &[&str], env: &[(&str, &str)]) -> Outcome {
         code: status.code(),
         stdout: stdout.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
-    }
-}
-
-/// Spawns `command`, retrying for a few seconds while the executable is missing, busy or
-/// half-written (ENOENT, ETXTBSY, ENOEXEC, EACCES):
-/// another `cargo build` in the same target directory replaces the binaries under our feet.
-fn spawn_retrying(command: &mut Command) -> std::process::Child {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match command.spawn() {
-            Ok(child) => return child,
-            Err(e)
-                if (e.kind() == std::io::ErrorKind::NotFound
-                    || matches!(e.raw_os_error(), Some(8 | 13 | 26)))
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("spawn {command:?}: {e}"),
-        }
     }
 }
 

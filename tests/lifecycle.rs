@@ -11,8 +11,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -234,103 +232,10 @@ impl Load {
 
 // ---- daemons with a configuration file of the test's own ----------------------------
 
-/// A copy of the shipped `etc/kop/<service>.toml` with a short consumer session, so that
-/// the group notices a SIGKILLed member after 6 s instead of librdkafka's default 45 s.
-fn fast_session_config(service: &str, dir: &Path) -> PathBuf {
-    let shipped = std::fs::read_to_string(repo().join(format!("etc/kop/{service}.toml")))
-        .expect("shipped config");
-    let text = shipped.replacen(
-        "[kafka]\n",
-        "[kafka]\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n",
-        1,
-    );
-    assert_ne!(text, shipped, "{service}.toml has a [kafka] table");
-    std::fs::create_dir_all(dir).expect("config dir");
-    let path = dir.join(format!("{service}.toml"));
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
-/// The harness's `Daemon::spawn`, with a configuration file of our choosing.
-fn spawn_with_config(
-    service: &str,
-    env: &[(String, String)],
-    log_dir: &Path,
-    config: &Path,
-) -> Daemon {
-    let metrics_port = env
-        .iter()
-        .find(|(k, _)| k == "METRICS_PORT")
-        .map(|(_, v)| v.parse().expect("port"))
-        .expect("METRICS_PORT in env");
-    let log = log_dir.join(format!("{service}-{}.log", unique("run")));
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = spawn_retrying(
-        Command::new(binary(&format!("kop-{service}")))
-            .arg("--config")
-            .arg(config)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("LOG_LEVEL", "info,librdkafka=warn")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file),
-    );
-    Daemon {
-        name: service.to_string(),
-        child,
-        metrics_port,
-        log,
-        env: env.to_vec(),
-    }
-}
-
-/// Spawns `command`, retrying for a few seconds while the executable is missing, busy or
-/// half-written (ENOENT, ETXTBSY, ENOEXEC, EACCES):
-/// another `cargo build` in the same target directory replaces the binaries under our feet.
-fn spawn_retrying(command: &mut Command) -> std::process::Child {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match command.spawn() {
-            Ok(child) => return child,
-            Err(e)
-                if (e.kind() == std::io::ErrorKind::NotFound
-                    || matches!(e.raw_os_error(), Some(8 | 13 | 26)))
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("spawn {command:?}: {e}"),
-        }
-    }
-}
-
-fn config_dir(pipeline: &Pipeline) -> PathBuf {
-    pipeline.log_dir.join("config")
-}
-
-/// Starts a stage with the short-session configuration and waits until it is ready.
-async fn start_fast(pipeline: &mut Pipeline, service: &str) {
-    let config = fast_session_config(service, &config_dir(pipeline));
-    let env = pipeline.env_for(service, &[]);
-    let mut daemon = spawn_with_config(service, &env, &pipeline.log_dir, &config);
-    daemon.wait_ready(Duration::from_secs(90)).await;
-    pipeline.daemons.insert(service.to_string(), daemon);
-}
-
-/// Restarts a stage started by [`start_fast`], with the same environment.
-async fn restart_fast(pipeline: &mut Pipeline, service: &str) {
-    let old = pipeline.daemons.remove(service).expect("daemon");
-    let env = old.env.clone();
-    drop(old);
-    let config = config_dir(pipeline).join(format!("{service}.toml"));
-    let mut daemon = spawn_with_config(service, &env, &pipeline.log_dir, &config);
-    daemon.wait_ready(Duration::from_secs(90)).await;
-    pipeline.daemons.insert(service.to_string(), daemon);
-}
-
-// ---- observing -------------------------------------------------------------------------
+/// A dead member leaves its group after 6 s rather than librdkafka's default 45 s, so a
+/// restarted stage takes over its partitions quickly.
+const FAST_SESSION: &str =
+    "[kafka]\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n";
 
 /// Records a stage produced to `topic`, from its metrics.
 async fn produced(pipeline: &mut Pipeline, service: &str, topic: &str) -> f64 {
@@ -684,7 +589,7 @@ async fn sigkill_under_load_at_least_once() {
 async fn sigkill_scenario(pipeline: &mut Pipeline, prefix: &str, exactly_once: bool) -> usize {
     pipeline.start("order", &[]).await;
     for service in ["payment", "inventory", "notification"] {
-        start_fast(pipeline, service).await;
+        pipeline.start_with_config(service, &[], FAST_SESSION).await;
     }
     let load = Load::start(pipeline.order_port, prefix);
     let payments = pipeline.payments.clone();
@@ -700,7 +605,7 @@ async fn sigkill_scenario(pipeline: &mut Pipeline, prefix: &str, exactly_once: b
         let down_at = load.accepted();
         load.wait_accepted(down_at, BACKLOG, Duration::from_secs(60))
             .await;
-        restart_fast(pipeline, service).await;
+        pipeline.restart(service).await;
         let resumed =
             wait_produced(pipeline, service, output, PROGRESS, Duration::from_secs(90)).await;
         eprintln!("restarted {service} produced {PROGRESS} records {resumed:?} after it was ready");

@@ -5,7 +5,6 @@ mod common;
 
 use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -152,26 +151,6 @@ fn status_of(message: &str) -> Option<&str> {
     message.lines().find_map(|l| l.strip_prefix("STATUS="))
 }
 
-/// Spawns `command`, retrying for a few seconds while the executable is missing, busy or
-/// half-written (ENOENT, ETXTBSY, ENOEXEC, EACCES):
-/// another `cargo build` in the same target directory replaces the binaries under our feet.
-fn spawn_retrying(command: &mut Command) -> std::process::Child {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match command.spawn() {
-            Ok(child) => return child,
-            Err(e)
-                if (e.kind() == std::io::ErrorKind::NotFound
-                    || matches!(e.raw_os_error(), Some(8 | 13 | 26)))
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("spawn {command:?}: {e}"),
-        }
-    }
-}
-
 /// Like the harness's `Daemon::spawn`, but with the service-manager variables set:
 /// NOTIFY_SOCKET and WATCHDOG_USEC (the harness removes them). WATCHDOG_PID is removed
 /// unless given: sd-notify's `watchdog_enabled()` accepts an unset WATCHDOG_PID, and a set
@@ -183,36 +162,32 @@ fn spawn_notified(
     socket: &Path,
     watchdog_pid: Option<&str>,
 ) -> Daemon {
-    let metrics_port = env
-        .iter()
-        .find(|(k, _)| k == "METRICS_PORT")
-        .map(|(_, v)| v.parse().expect("port"))
-        .expect("METRICS_PORT in env");
-    let log = log_dir.join(format!("{service}-{}.log", unique("notify")));
-    let file = std::fs::File::create(&log).expect("log file");
-    let mut command = Command::new(binary(&format!("kop-{service}")));
-    command
-        .arg("--config")
-        .arg(repo().join(format!("etc/kop/{service}.toml")))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("LOG_LEVEL", "info,librdkafka=warn")
-        .env("NOTIFY_SOCKET", socket)
-        .env("WATCHDOG_USEC", WATCHDOG_USEC)
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file);
-    if let Some(pid) = watchdog_pid {
-        command.env("WATCHDOG_PID", pid);
-    }
-    let child = spawn_retrying(&mut command);
-    Daemon {
-        name: service.to_string(),
-        child,
-        metrics_port,
-        log,
-        env: env.to_vec(),
-    }
+    spawn_notified_with(
+        service,
+        env,
+        log_dir,
+        &shipped_config(service),
+        socket,
+        watchdog_pid,
+    )
+}
+
+fn spawn_notified_with(
+    service: &str,
+    env: &[(String, String)],
+    log_dir: &Path,
+    config: &Path,
+    socket: &Path,
+    watchdog_pid: Option<&str>,
+) -> Daemon {
+    Daemon::launch(service, env, log_dir, config, |command| {
+        command
+            .env("NOTIFY_SOCKET", socket)
+            .env("WATCHDOG_USEC", WATCHDOG_USEC);
+        if let Some(pid) = watchdog_pid {
+            command.env("WATCHDOG_PID", pid);
+        }
+    })
 }
 
 /// READY=1 (and /readyz 200 from then on) with a STATUS naming `topic`, WATCHDOG=1 every
@@ -364,44 +339,17 @@ async fn watchdog_pid_of_another_process_disables_the_pings() {
 async fn a_stalled_stage_stops_pinging_the_watchdog() {
     let pipeline = Pipeline::new();
     let mut socket = NotifySocket::bind();
-    let config_dir = pipeline.log_dir.join("config");
-    std::fs::create_dir_all(&config_dir).expect("config dir");
-    let shipped =
-        std::fs::read_to_string(repo().join("etc/kop/payment.toml")).expect("payment.toml");
-    let stalled = shipped.replace("stall = false", "stall = true");
-    assert_ne!(stalled, shipped, "payment.toml has `stall = false` to flip");
-    let config = config_dir.join("payment.toml");
-    std::fs::write(&config, stalled).expect("write config");
-
+    let config = pipeline.log_dir.join("payment-stalled.toml");
+    std::fs::write(&config, "[simulate]\nstall = true\n").expect("write config");
     let env = pipeline.env_for("payment", &[]);
-    let log = pipeline
-        .log_dir
-        .join(format!("payment-{}.log", unique("stall")));
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = spawn_retrying(
-        Command::new(binary("kop-payment"))
-            .arg("--config")
-            .arg(&config)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("LOG_LEVEL", "info,librdkafka=warn")
-            .env("NOTIFY_SOCKET", &socket.path)
-            .env("WATCHDOG_USEC", WATCHDOG_USEC)
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file),
+    let mut daemon = spawn_notified_with(
+        "payment",
+        &env,
+        &pipeline.log_dir,
+        &config,
+        &socket.path,
+        None,
     );
-    let mut daemon = Daemon {
-        name: "payment".into(),
-        child,
-        metrics_port: env
-            .iter()
-            .find(|(k, _)| k == "METRICS_PORT")
-            .map(|(_, v)| v.parse().expect("port"))
-            .expect("METRICS_PORT"),
-        log,
-        env,
-    };
     socket
         .wait_for(&mut daemon, "READY=1", Duration::from_secs(90))
         .await;

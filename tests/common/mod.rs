@@ -61,16 +61,18 @@ pub struct Daemon {
     pub metrics_port: u16,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The configuration file it was started with; a restart uses it again.
+    pub config: PathBuf,
+}
+
+/// The configuration file shipped for a daemon (etc/kop/<service>.toml).
+pub fn shipped_config(service: &str) -> PathBuf {
+    repo().join(format!("etc/kop/{service}.toml"))
 }
 
 impl Daemon {
     pub fn spawn(service: &str, env: &[(String, String)], log_dir: &Path) -> Daemon {
-        Daemon::spawn_with_config(
-            service,
-            env,
-            log_dir,
-            &repo().join(format!("etc/kop/{service}.toml")),
-        )
+        Daemon::spawn_with_config(service, env, log_dir, &shipped_config(service))
     }
 
     pub fn spawn_with_config(
@@ -79,6 +81,19 @@ impl Daemon {
         log_dir: &Path,
         config: &Path,
     ) -> Daemon {
+        Daemon::launch(service, env, log_dir, config, |_| {})
+    }
+
+    /// Starts `kop-<service> --config <config>` with `env`, its output in a log file under
+    /// `log_dir`; `customize` may change the command last (e.g. set NOTIFY_SOCKET, which is
+    /// otherwise removed).
+    pub fn launch(
+        service: &str,
+        env: &[(String, String)],
+        log_dir: &Path,
+        config: &Path,
+        customize: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let metrics_port = env
             .iter()
             .find(|(k, _)| k == "METRICS_PORT")
@@ -86,24 +101,27 @@ impl Daemon {
             .expect("METRICS_PORT in env");
         let log = log_dir.join(format!("{service}-{}.log", unique("run")));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(binary(&format!("kop-{service}")))
+        let mut command = Command::new(binary(&format!("kop-{service}")));
+        command
             .arg("--config")
             .arg(config)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("LOG_LEVEL", "info,librdkafka=warn")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn daemon");
+            .stderr(file);
+        customize(&mut command);
+        let child = command.spawn().expect("spawn daemon");
         Daemon {
             name: service.to_string(),
             child,
             metrics_port,
             log,
             env: env.to_vec(),
+            config: config.to_path_buf(),
         }
     }
 
@@ -342,12 +360,12 @@ impl Pipeline {
         self.daemons.insert(service.to_string(), daemon);
     }
 
-    /// Restarts a daemon with the environment it had.
+    /// Restarts a daemon with the environment and configuration file it had.
     pub async fn restart(&mut self, service: &str) {
         let old = self.daemons.remove(service).expect("daemon");
-        let env = old.env.clone();
+        let (env, config) = (old.env.clone(), old.config.clone());
         drop(old);
-        let mut daemon = Daemon::spawn(service, &env, &self.log_dir);
+        let mut daemon = Daemon::spawn_with_config(service, &env, &self.log_dir, &config);
         daemon.wait_ready(Duration::from_secs(90)).await;
         self.daemons.insert(service.to_string(), daemon);
     }
