@@ -143,6 +143,20 @@ impl Drop for NotifySocket {
     }
 }
 
+/// SIGTERM: STOPPING=1, then exit status 0.
+async fn stops_cleanly(socket: &mut NotifySocket, daemon: &mut Daemon) {
+    daemon.signal("TERM");
+    socket
+        .wait_for(daemon, "STOPPING=1", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        daemon.log_text()
+    );
+}
+
 fn has_line(message: &str, line: &str) -> bool {
     message.lines().any(|l| l == line)
 }
@@ -320,16 +334,7 @@ async fn watchdog_pid_of_another_process_disables_the_pings() {
             !window.iter().any(|m| has_line(m, "WATCHDOG=1")),
             "{service}: no WATCHDOG=1 with WATCHDOG_PID=1: {window:?}"
         );
-        daemon.signal("TERM");
-        socket
-            .wait_for(&mut daemon, "STOPPING=1", Duration::from_secs(30))
-            .await;
-        assert_eq!(
-            daemon.wait_exit(Duration::from_secs(30)),
-            Some(0),
-            "{}",
-            daemon.log_text()
-        );
+        stops_cleanly(&mut socket, &mut daemon).await;
     }
 }
 
@@ -363,16 +368,7 @@ async fn a_stalled_stage_stops_pinging_the_watchdog() {
         "{}",
         daemon.log_text()
     );
-    daemon.signal("TERM");
-    socket
-        .wait_for(&mut daemon, "STOPPING=1", Duration::from_secs(30))
-        .await;
-    assert_eq!(
-        daemon.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        daemon.log_text()
-    );
+    stops_cleanly(&mut socket, &mut daemon).await;
 }
 
 /// With the broker unreachable a daemon waits it out: it says why in STATUS, is not ready
