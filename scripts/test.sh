@@ -68,7 +68,7 @@ ensure_system_packages() {
 		ca-certificates                                                      # Maven Central over HTTPS
 		kcat                                                                 # broker readiness check, debugging
 		prometheus docker-compose python3-yaml                               # promtool, compose file checks
-		systemd-container debootstrap                                        # the test under a real systemd
+		systemd-container debootstrap curl                                   # the test under a real systemd
 		nix-bin                                                              # nix-instantiate --parse
 	)
 	# Java and Maven only run the broker; any installation of them will do.

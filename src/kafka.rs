@@ -109,6 +109,14 @@ pub fn stage_consumer_config(common: &Common, group_id: &str) -> ClientConfig {
         .get("auto.offset.reset")
         .is_none()
         .then(|| config.set("auto.offset.reset", "earliest"));
+    // A crashed member's partitions move to the others (or to its restart) after the
+    // session timeout: 10 s rather than librdkafka's 45 s, unless `[kafka]` says otherwise.
+    if config.get("session.timeout.ms").is_none() {
+        config.set("session.timeout.ms", "10000");
+        if config.get("heartbeat.interval.ms").is_none() {
+            config.set("heartbeat.interval.ms", "2000");
+        }
+    }
     config
 }
 

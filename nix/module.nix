@@ -1,0 +1,291 @@
+# NixOS module: services.kop — the four kop daemons as systemd services, each running a
+# TOML configuration generated from `settings` and checked at build time by the daemon's
+# own `--check-config`; `local.enable` adds a single-host Kafka (KRaft), Prometheus with
+# kminion and Grafana.
+#
+# flake.nix imports this file as `nixosModules.default`, applied to the flake itself: the
+# package option defaults to the flake's own package (no overlay, so it also works where
+# `nixpkgs.*` is read-only, as in `pkgs.testers.runNixOSTest`).
+{ self }:
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkDefault
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    types
+    ;
+
+  cfg = config.services.kop;
+  toml = pkgs.formats.toml { };
+  ports = import ./ports.nix;
+  unit = import ./unit.nix;
+
+  names = [
+    "order"
+    "payment"
+    "inventory"
+    "notification"
+  ];
+  unitName = name: "kop-${name}";
+
+  configFile = name: toml.generate "kop-${name}.toml" cfg.settings.${name};
+
+  # The daemon loads and validates the file as at start (TOML keys, values, topic names,
+  # and the [kafka] table through librdkafka's own property check) without contacting a
+  # broker. `env -i`: the environment overrides the file, so nothing of the builder's
+  # may leak into the check.
+  checkedConfigFile =
+    name:
+    if cfg.checkConfig then
+      pkgs.runCommand "kop-${name}-checked.toml" { } ''
+        ${pkgs.coreutils}/bin/env -i \
+          ${cfg.package}/bin/kop-${name} --check-config --config ${configFile name}
+        cp ${configFile name} $out
+      ''
+    else
+      configFile name;
+
+  portOf = address: lib.toInt (lib.last (lib.splitString ":" address));
+  metricsPort =
+    name:
+    portOf (cfg.settings.${name}.metrics.listen or "0.0.0.0:${toString ports.daemons.${name}.metrics}");
+  apiPort = portOf (cfg.settings.order.http.listen or "0.0.0.0:${toString ports.daemons.order.api}");
+
+  kafkaAfter = lib.optional cfg.local.enable "apache-kafka.service";
+
+  settingsOption =
+    name:
+    mkOption {
+      type = types.submodule { freeformType = toml.type; };
+      default = { };
+      example = literalExpression ''
+        {
+          log.level = "info,kop=debug";
+          kafka."security.protocol" = "SSL";
+          ${lib.optionalString (name != "order") ''retry.delays = [ "1s" "10s" "1m" ];''}
+        }
+      '';
+      description = ''
+        Configuration of kop-${name}, rendered to TOML: the sections and keys of
+        etc/kop/${name}.toml (the shipped defaults, commented). Keys left out keep the
+        daemon's built-in defaults; `kafka."bootstrap.servers"` defaults to
+        {option}`services.kop.kafka.brokers`. Checked at build time with
+        `kop-${name} --check-config`.
+      '';
+    };
+in
+{
+  options.services.kop = {
+    enable = mkEnableOption "kop, the Kafka Order Platform (kop-order, kop-payment, kop-inventory, kop-notification)";
+
+    package = mkOption {
+      type = types.package;
+      default =
+        self.packages.${pkgs.stdenv.hostPlatform.system}.default or (pkgs.callPackage ./package.nix { });
+      defaultText = literalExpression "kop.packages.\${system}.default";
+      description = "The kop package (daemons and kopctl).";
+    };
+
+    kafka.brokers = mkOption {
+      type = types.str;
+      default = "localhost:${toString ports.kafka}";
+      example = "kafka1:9092,kafka2:9092";
+      description = ''
+        Kafka bootstrap servers (`host:port`, comma-separated) of all four daemons: the
+        default of `settings.<daemon>.kafka."bootstrap.servers"`.
+      '';
+    };
+
+    settings = lib.genAttrs names settingsOption;
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+      description = ''
+        Check each generated configuration at build time with the daemon's own
+        `--check-config` (it has to run on the build machine).
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the order API port and the four metrics ports in the firewall.";
+    };
+
+    local.enable = mkEnableOption ''
+      a single-host platform: Apache Kafka in KRaft mode (broker and controller in one
+      JVM, replication factor 1) on 127.0.0.1:9092, Prometheus on 127.0.0.1:9090 scraping
+      the daemons and kminion (the Kafka exporter, :9308) with the rules of
+      docker/prometheus/alerts.yml, and Grafana on 127.0.0.1:3000 (admin/admin) with the
+      kop dashboard. For development and tests: the Grafana secret key is a constant in the
+      Nix store'';
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      services.kop.settings = lib.genAttrs names (_: {
+        kafka."bootstrap.servers" = mkDefault cfg.kafka.brokers;
+      });
+
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.services = lib.listToAttrs (
+        map (
+          name:
+          lib.nameValuePair (unitName name) {
+            description = "kop ${name} daemon";
+            wantedBy = [ "kop.target" ];
+            partOf = [ "kop.target" ];
+            wants = [ "network-online.target" ] ++ kafkaAfter;
+            after = [ "network-online.target" ] ++ kafkaAfter;
+            # The [Service] section of systemd/kop-${name}.service (see unit.nix); each
+            # setting can be overridden without mkForce.
+            serviceConfig = lib.mapAttrs (_: mkDefault) (removeAttrs unit.serviceConfig [ "Type" ]) // {
+              Type = "notify";
+              ExecStart = "${cfg.package}/bin/kop-${name} --config ${checkedConfigFile name}";
+              # SIGHUP re-reads the configuration (log level, [simulate]).
+              ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+            };
+          }
+        ) names
+      );
+
+      systemd.targets.kop = {
+        description = "kop, the Kafka Order Platform (all four daemons)";
+        wantedBy = [ "multi-user.target" ];
+        wants = map (name: "${unitName name}.service") names;
+        after = map (name: "${unitName name}.service") names;
+      };
+
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall ([ apiPort ] ++ map metricsPort names);
+    }
+
+    (mkIf cfg.local.enable {
+      # Facts from nixpkgs' nixos/tests/kafka/base.nix (KRaft), plus what transactions on
+      # one broker need (transaction.state.log.*).
+      services.apache-kafka = {
+        enable = true;
+        # A fixed cluster id (kafka-storage.sh random-uuid) for the first format.
+        clusterId = mkDefault "75Rf8n7XTqGMgrmpLj8FYg";
+        formatLogDirs = true;
+        jvmOptions = mkDefault [
+          "-Xms256m"
+          "-Xmx768m"
+        ];
+        settings = lib.mapAttrs (_: mkDefault) {
+          "node.id" = 1;
+          "process.roles" = [
+            "broker"
+            "controller"
+          ];
+          listeners = [
+            "PLAINTEXT://127.0.0.1:${toString ports.kafka}"
+            "CONTROLLER://127.0.0.1:${toString ports.kafkaController}"
+          ];
+          "advertised.listeners" = [ "PLAINTEXT://127.0.0.1:${toString ports.kafka}" ];
+          "listener.security.protocol.map" = [
+            "PLAINTEXT:PLAINTEXT"
+            "CONTROLLER:PLAINTEXT"
+          ];
+          "inter.broker.listener.name" = "PLAINTEXT";
+          "controller.quorum.voters" = [ "1@127.0.0.1:${toString ports.kafkaController}" ];
+          "controller.listener.names" = [ "CONTROLLER" ];
+          "log.dirs" = [ "/var/lib/apache-kafka" ];
+          # The daemons create their topics; nothing else should.
+          "auto.create.topics.enable" = false;
+          "offsets.topic.replication.factor" = 1;
+          "offsets.topic.num.partitions" = 10;
+          "transaction.state.log.replication.factor" = 1;
+          "transaction.state.log.min.isr" = 1;
+          "transaction.state.log.num.partitions" = 10;
+          "share.coordinator.state.topic.replication.factor" = 1;
+          "share.coordinator.state.topic.min.isr" = 1;
+          "group.initial.rebalance.delay.ms" = 0;
+        };
+      };
+
+      # kminion, nixpkgs' Kafka exporter (metrics kminion_*). It reads its settings from
+      # the environment and ignores the module's port option.
+      services.prometheus.exporters.kafka = {
+        enable = true;
+        port = ports.kminion;
+      };
+      systemd.services.prometheus-kafka-exporter.environment = {
+        KAFKA_BROKERS = cfg.kafka.brokers;
+        EXPORTER_PORT = toString ports.kminion;
+      };
+
+      services.prometheus = {
+        enable = true;
+        listenAddress = mkDefault "127.0.0.1";
+        port = ports.prometheus;
+        globalConfig = {
+          scrape_interval = "5s";
+          evaluation_interval = "5s";
+        };
+        scrapeConfigs = import ./scrape.nix { inherit ports; };
+        # promtool checks them when the system is built.
+        ruleFiles = [ ../docker/prometheus/alerts.yml ];
+      };
+
+      services.grafana = {
+        enable = true;
+        settings = {
+          server = {
+            http_addr = mkDefault "127.0.0.1";
+            http_port = ports.grafana;
+          };
+          security = {
+            admin_user = mkDefault "admin";
+            admin_password = mkDefault "admin";
+            # Required by current nixpkgs; a constant is fine for a development host only.
+            secret_key = mkDefault "kop-local-only-7f3c9a1e5b2d4c8f";
+          };
+          analytics.reporting_enabled = false;
+        };
+        provision = {
+          enable = true;
+          # As docker/grafana/provisioning: the dashboard refers to the datasource by uid.
+          datasources.settings = {
+            apiVersion = 1;
+            datasources = [
+              {
+                name = "Prometheus";
+                uid = "prometheus";
+                type = "prometheus";
+                access = "proxy";
+                url = "http://127.0.0.1:${toString ports.prometheus}";
+                isDefault = true;
+                jsonData.timeInterval = "5s";
+              }
+            ];
+          };
+          dashboards.settings = {
+            apiVersion = 1;
+            providers = [
+              {
+                name = "kop";
+                folder = "kop";
+                type = "file";
+                disableDeletion = true;
+                options.path = ../docker/grafana/dashboards;
+              }
+            ];
+          };
+        };
+      };
+    })
+  ]);
+}

@@ -1,0 +1,702 @@
+#!/usr/bin/env bash
+# The systemd units of systemd/ under a REAL systemd: a Debian bookworm container booted
+# with systemd-nspawn, the release binaries, units and configuration installed in it the
+# way a package would, the daemons talking to the test broker on the host's loopback.
+# The container's tree is debootstrapped once and cached (KOP_NSPAWN_CACHE); each run
+# boots an overlay on it (or a copy), thrown away at the end, so every run starts clean.
+#
+# What it checks:
+#   - systemd-analyze verify prints nothing; systemd-analyze security rates each unit
+#     at most 2.0 (MAX_EXPOSURE);
+#   - kop.target, enabled, starts the four daemons at boot; "systemctl stop kop.target"
+#     stops them all (none failed); "systemctl start kop.target" returns once all four
+#     are active (Type=notify: they sent READY=1); each answers /readyz on its metrics port;
+#   - orders posted to the API on the host reach the last topic, each exactly once;
+#     "journalctl -u kop-payment ORDER_ID=<id>" finds an order;
+#   - "systemctl reload" (SIGHUP) re-reads the configuration;
+#   - kop-payment killed with SIGKILL is restarted by systemd (NRestarts grows), and the
+#     orders posted while it was down and after it came back all arrive;
+#   - a stalled processing loop ([simulate] stall = true in inventory.toml) is killed by
+#     the watchdog and restarted; with the file restored, the pipeline flows again;
+#   - a configuration error: the daemon exits 78 and is not restarted.
+#
+# Needs root, debootstrap, systemd-nspawn (Debian package systemd-container), nsenter,
+# kcat, curl, cargo, and a Kafka broker in KOP_TEST_BROKERS reachable on the host's network
+# (the container shares it: 127.0.0.1 is the host's loopback). It fails, never skips,
+# when any of that is missing. Run "scripts/systemd-test.sh --help" for the options.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+SERVICES=(order payment inventory notification)
+UNITS=(kop-order kop-payment kop-inventory kop-notification)
+# systemd-analyze security: the highest overall exposure a unit may have.
+MAX_EXPOSURE=2.0
+# Packages of the container beyond debootstrap's minbase. procps: /bin/kill (ExecReload).
+TREE_PACKAGES=systemd,systemd-sysv,dbus,procps,curl,ca-certificates,libssl3,zlib1g
+# Changing what goes into the tree changes this, and the cached tree is rebuilt.
+TREE_ID="debian bookworm minbase +$TREE_PACKAGES, tree v1"
+CACHE=${KOP_NSPAWN_CACHE:-$HOME/.cache/kop/nspawn-bookworm}
+WORK_BASE=${KOP_NSPAWN_WORKDIR:-/var/tmp}
+
+usage() {
+	cat <<'EOF'
+Usage: KOP_TEST_BROKERS=host:port scripts/systemd-test.sh
+
+Boots a Debian bookworm container under systemd-nspawn (sharing the host's network),
+installs the kop release binaries, the units of systemd/ and etc/kop/*.toml in it, and
+tests the units under its systemd against the broker. Run as root. Exit status 0 when
+every check passed.
+
+Environment:
+  KOP_TEST_BROKERS    the Kafka broker (required), reachable from the host, e.g.
+                      127.0.0.1:9092
+  KOP_NSPAWN_CACHE    where the debootstrapped tree is cached
+                      (default ~/.cache/kop/nspawn-bookworm); delete it to rebuild
+  KOP_NSPAWN_WORKDIR  where each run's copy of the tree goes (default /var/tmp)
+  KOP_DEBIAN_MIRROR   Debian mirror for debootstrap (default: the host's apt source
+                      for bookworm, else http://deb.debian.org/debian)
+  CARGO               cargo to build with (default: cargo on PATH)
+EOF
+}
+
+log() { printf 'systemd-test.sh [%3ds]: %s\n' "$SECONDS" "$*" >&2; }
+die() {
+	printf 'systemd-test.sh [%3ds]: FAILED: %s\n' "$SECONDS" "$*" >&2
+	exit 1
+}
+
+# ---------------------------------------------------------------------------
+# clean-up: whatever happens, the container is powered off and the run's copy deleted
+
+RUN_DIR=        # this run's directory: the container's root and its console log
+NSPAWN_PID=     # systemd-nspawn, in the background
+LEADER=         # the container's PID 1 (systemd), as the host sees it
+BUILD_TMP=      # a tree being debootstrapped
+
+# Runs a command inside the container: all of its namespaces, a clean environment.
+in_container() {
+	nsenter -t "$LEADER" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
+}
+
+container_running() {
+	[[ -n $NSPAWN_PID ]] && kill -0 "$NSPAWN_PID" 2>/dev/null
+}
+
+dump_diagnostics() {
+	if container_running && [[ -n $LEADER ]]; then
+		log "--- systemctl status kop.target kop-*.service (in the container)"
+		in_container systemctl status --no-pager -n 0 kop.target "${UNITS[@]}" >&2 || true
+		log "--- journal of the kop units (last 150 lines)"
+		in_container journalctl --no-pager -n 150 -u 'kop*' >&2 || true
+	fi
+	if [[ -n $RUN_DIR && -f $RUN_DIR/console.log ]]; then
+		log "--- container console (last 40 lines)"
+		tail -n 40 "$RUN_DIR/console.log" >&2 || true
+	fi
+}
+
+stop_container() {
+	container_running || return 0
+	# systemd-nspawn turns SIGTERM into an orderly poweroff of the container.
+	log "powering the container off"
+	kill -TERM "$NSPAWN_PID" 2>/dev/null || true
+	local i
+	for ((i = 0; i < 60; i++)); do
+		container_running || break
+		sleep 0.5
+	done
+	if container_running; then
+		log "the container did not power off within 30 s; killing it"
+		# Killing PID 1 of the container's PID namespace kills everything in it. The
+		# leader is still nspawn's child, so the PID is still the container's.
+		if [[ -n $LEADER ]] && [[ $(ps -o ppid= -p "$LEADER" 2>/dev/null | tr -d ' ') == "$NSPAWN_PID" ]]; then
+			kill -KILL "$LEADER" 2>/dev/null || true
+		fi
+		kill -KILL "$NSPAWN_PID" 2>/dev/null || true
+	fi
+	wait "$NSPAWN_PID" 2>/dev/null || true
+}
+
+on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	((rc == 0)) || dump_diagnostics
+	stop_container
+	if [[ -n $RUN_DIR && -d $RUN_DIR ]]; then
+		if mountpoint -q "$RUN_DIR/root"; then
+			umount "$RUN_DIR/root" || umount -l "$RUN_DIR/root" || true
+		fi
+		# --one-file-system: never through a root still mounted over the cached tree.
+		rm -rf --one-file-system "$RUN_DIR"
+	fi
+	if [[ -n $BUILD_TMP ]]; then
+		# An interrupted debootstrap can leave /proc or /sys mounted in the tree.
+		awk -v dir="$BUILD_TMP/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo |
+			sort -r | xargs -r -n 1 umount -l || true
+		rm -rf --one-file-system "$BUILD_TMP"
+	fi
+	if ((rc == 0)); then
+		log "all systemd checks passed"
+	else
+		log "failed (exit status $rc)"
+	fi
+	exit "$rc"
+}
+
+# ---------------------------------------------------------------------------
+# prerequisites
+
+check_prerequisites() {
+	((EUID == 0)) || die "must run as root (debootstrap and systemd-nspawn need it); e.g. sudo -E $0"
+	[[ -n ${KOP_TEST_BROKERS:-} ]] || die "KOP_TEST_BROKERS is not set: give the Kafka broker, e.g. KOP_TEST_BROKERS=127.0.0.1:9092"
+	local cmd missing=()
+	for cmd in debootstrap systemd-nspawn nsenter kcat curl ss flock timeout; do
+		command -v "$cmd" >/dev/null || missing+=("$cmd")
+	done
+	command -v "${CARGO:-cargo}" >/dev/null || missing+=(cargo)
+	((${#missing[@]} == 0)) || die "missing commands: ${missing[*]} (Debian packages: debootstrap systemd-container util-linux kcat curl iproute2)"
+	timeout 30 kcat -b "$KOP_TEST_BROKERS" -L -m 10 >/dev/null 2>&1 ||
+		die "no Kafka broker answers at KOP_TEST_BROKERS=$KOP_TEST_BROKERS"
+}
+
+# ---------------------------------------------------------------------------
+# the container's tree: debootstrapped once, cached
+
+# The Debian mirror the host's apt uses for bookworm (or "stable").
+host_mirror() {
+	if [[ -n ${KOP_DEBIAN_MIRROR:-} ]]; then
+		echo "$KOP_DEBIAN_MIRROR"
+		return
+	fi
+	local f uri
+	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+		[[ -f $f ]] || continue
+		# deb [options] URI SUITE COMPONENTS...
+		uri=$(awk '$1 == "deb" {
+			i = 2
+			if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+			if ($(i + 1) == "bookworm" || $(i + 1) == "stable") { print $i; exit }
+		}' "$f")
+		[[ -z $uri ]] || {
+			echo "$uri"
+			return
+		}
+	done
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[[ -f $f ]] || continue
+		# deb822: paragraphs of "Key: value" lines.
+		uri=$(awk 'BEGIN { RS = ""; FS = "\n" } {
+			types = ""; uris = ""; suites = ""; enabled = "yes"
+			for (i = 1; i <= NF; i++) {
+				line = $i
+				if (line ~ /^#/) continue
+				key = tolower(line); sub(/:.*/, "", key)
+				value = line; sub(/^[^:]*:[ \t]*/, "", value)
+				if (key == "types") types = " " value " "
+				else if (key == "uris") uris = value
+				else if (key == "suites") suites = " " value " "
+				else if (key == "enabled") enabled = value
+			}
+			if (enabled != "no" && types ~ / deb / && (suites ~ / bookworm / || suites ~ / stable /)) {
+				split(uris, u, /[ \t]+/); print u[1]; exit
+			}
+		}' "$f")
+		[[ -z $uri ]] || {
+			echo "$uri"
+			return
+		}
+	done
+	echo http://deb.debian.org/debian
+}
+
+tree_is_complete() {
+	[[ -f $CACHE/.kop-tree && $(<"$CACHE/.kop-tree") == "$TREE_ID" ]]
+}
+
+# Builds the tree into a temporary directory beside the cache and moves it into place
+# at the end, so an interrupted build leaves nothing that looks finished. Runs hold a
+# shared lock on the cache while they use it (their root is an overlay on it); a build
+# takes it exclusively, so it neither races another build nor pulls the tree from under
+# a running container.
+ensure_tree() {
+	local parent
+	parent=$(dirname "$CACHE")
+	mkdir -p "$parent"
+	exec 9>"$CACHE.lock"
+	flock -s -w 1800 9 || die "$CACHE has been locked for 30 minutes (another run building it?)"
+	if tree_is_complete; then
+		log "using the cached container tree $CACHE"
+		return
+	fi
+	flock -x -w 1800 9 || die "$CACHE is in use by other runs; cannot rebuild it"
+	if tree_is_complete; then # built by another run meanwhile
+		flock -s 9
+		log "using the cached container tree $CACHE"
+		return
+	fi
+	# Leftovers of interrupted builds (we hold the lock: nobody else is building).
+	rm -rf --one-file-system "$parent/.$(basename "$CACHE").tmp."*
+	BUILD_TMP=$(mktemp -d "$parent/.$(basename "$CACHE").tmp.XXXXXX")
+	local mirror tree=$BUILD_TMP/tree
+	mirror=$(host_mirror)
+	log "building the container tree (debootstrap bookworm from $mirror; a few minutes, once)"
+	if ! timeout 1800 debootstrap --variant=minbase --include="$TREE_PACKAGES" \
+		bookworm "$tree" "$mirror" >"$BUILD_TMP/debootstrap.log" 2>&1; then
+		tail -n 30 "$BUILD_TMP/debootstrap.log" >&2
+		[[ ! -f $tree/debootstrap/debootstrap.log ]] || tail -n 30 "$tree/debootstrap/debootstrap.log" >&2
+		die "debootstrap failed (mirror $mirror; set KOP_DEBIAN_MIRROR to use another)"
+	fi
+	# The container is named after the machine (kop-test-*), not after the build host.
+	rm -f "$tree/etc/hostname"
+	# Nothing the test needs; they would only slow the boot down and fill the log.
+	systemctl --root="$tree" --quiet mask apt-daily.timer apt-daily-upgrade.timer \
+		dpkg-db-backup.timer e2scrub_all.timer console-getty.service
+	rm -rf "$tree"/var/cache/apt/archives/*.deb "$tree"/var/lib/apt/lists/*
+	echo "$TREE_ID" >"$tree/.kop-tree"
+	rm -rf --one-file-system "$CACHE"
+	mv "$tree" "$CACHE"
+	rm -rf "$BUILD_TMP"
+	BUILD_TMP=
+	flock -s 9
+	log "container tree cached in $CACHE"
+}
+
+# ---------------------------------------------------------------------------
+# installing kop into the container's tree
+
+port_in_use() {
+	[[ -n $(ss -Htln "sport = :$1") ]]
+}
+
+# A port nothing listens on and no other daemon of this run got.
+free_port() {
+	local port taken=" $* "
+	while :; do
+		port=$((20000 + RANDOM % 12000))
+		[[ $taken == *" $port "* ]] && continue
+		port_in_use "$port" || break
+	done
+	echo "$port"
+}
+
+# Writes etc/kop/<service>.toml with the run's broker, topic prefix and ports.
+#   rewrite_config SOURCE DEST PREFIX METRICS_PORT HTTP_PORT [STALL]
+rewrite_config() {
+	local source=$1 dest=$2 prefix=$3 metrics_port=$4 http_port=$5 stall=${6:-}
+	awk -v brokers="$KOP_TEST_BROKERS" -v prefix="$prefix" -v mport="$metrics_port" \
+		-v hport="$http_port" -v stall="$stall" '
+		function value(line) { match(line, /"[^"]*"/); return substr(line, RSTART + 1, RLENGTH - 2) }
+		function put(key, v) { print key " = \"" v "\""; done[section "." key] = 1 }
+		/^[ \t]*\[/ { section = $0; gsub(/[][ \t]/, "", section) }
+		section == "kafka" && /^"bootstrap\.servers"[ \t]*=/ {
+			print "\"bootstrap.servers\" = \"" brokers "\""; done["kafka.bootstrap.servers"] = 1; next
+		}
+		section == "service" && /^name[ \t]*=/ { put("name", prefix "-" value($0)); next }
+		section == "metrics" && /^listen[ \t]*=/ { put("listen", "0.0.0.0:" mport); next }
+		section == "http" && /^listen[ \t]*=/ { put("listen", "0.0.0.0:" hport); next }
+		section == "http" && /^topic[ \t]*=/ { put("topic", prefix "." value($0)); next }
+		section == "stage" && /^(input|output|group_id)[ \t]*=/ {
+			key = $0; sub(/[ \t]*=.*/, "", key); put(key, prefix "." value($0)); next
+		}
+		section == "simulate" && stall != "" && /^stall[ \t]*=/ {
+			print "stall = " stall; done["simulate.stall"] = 1; next
+		}
+		{ print }
+		END {
+			n = split("kafka.bootstrap.servers service.name metrics.listen", want, " ")
+			if (hport != "") { want[++n] = "http.listen"; want[++n] = "http.topic" }
+			else { want[++n] = "stage.input"; want[++n] = "stage.group_id" }
+			if (stall != "") want[++n] = "simulate.stall"
+			for (i = 1; i <= n; i++) if (!(want[i] in done)) { print "no " want[i] " in the file" > "/dev/stderr"; exit 3 }
+		}' "$source" >"$dest" || die "cannot rewrite $source"
+}
+
+# The port a TOML file listens on in [section] (default ports of etc/kop/*.toml).
+listen_port() {
+	awk -v want="$2" '/^[ \t]*\[/ { s = $0; gsub(/[][ \t]/, "", s) }
+		s == want && /^listen[ \t]*=/ { match($0, /:[0-9]+"/); print substr($0, RSTART + 1, RLENGTH - 2); exit }' "$1"
+}
+
+declare -A METRICS_PORT
+HTTP_PORT=
+PREFIX=
+
+install_kop() {
+	local root=$1 s taken=()
+	log "installing the binaries, units and configuration into the container"
+	for s in "${SERVICES[@]}"; do
+		install -m 0755 "$REPO_ROOT/target/release/kop-$s" "$root/usr/bin/kop-$s"
+	done
+	install -m 0755 "$REPO_ROOT/target/release/kopctl" "$root/usr/bin/kopctl"
+	install -m 0644 "$REPO_ROOT"/systemd/*.service "$REPO_ROOT"/systemd/kop.target "$root/lib/systemd/system/"
+	# What a package's postinst does: enable the target, which wants the four daemons.
+	systemctl --root="$root" --quiet enable kop.target "${UNITS[@]/%/.service}"
+
+	local missing
+	missing=$(chroot "$root" ldd /usr/bin/kop-order /usr/bin/kop-payment /usr/bin/kop-inventory \
+		/usr/bin/kop-notification /usr/bin/kopctl | grep 'not found' || true)
+	[[ -z $missing ]] || die "libraries missing in the container (add their packages to TREE_PACKAGES): $missing"
+
+	# Topics, consumer groups and service names (transactional ids) of this run only.
+	PREFIX="systemd-$(date +%s)-$$"
+	mkdir -p "$root/etc/kop"
+	HTTP_PORT=$(listen_port "$REPO_ROOT/etc/kop/order.toml" http)
+	if port_in_use "$HTTP_PORT"; then
+		HTTP_PORT=$(free_port)
+		log "port $(listen_port "$REPO_ROOT/etc/kop/order.toml" http) is in use on the host; the API listens on $HTTP_PORT"
+	fi
+	taken+=("$HTTP_PORT")
+	for s in "${SERVICES[@]}"; do
+		local port
+		port=$(listen_port "$REPO_ROOT/etc/kop/$s.toml" metrics)
+		if port_in_use "$port" || [[ " ${taken[*]} " == *" $port "* ]]; then
+			port=$(free_port "${taken[@]}")
+			log "metrics port of kop-$s in use on the host; using $port"
+		fi
+		taken+=("$port")
+		METRICS_PORT[$s]=$port
+		local hport=
+		[[ $s != order ]] || hport=$HTTP_PORT
+		rewrite_config "$REPO_ROOT/etc/kop/$s.toml" "$root/etc/kop/$s.toml" "$PREFIX" "$port" "$hport"
+		chmod 0644 "$root/etc/kop/$s.toml"
+		"$root/usr/bin/kop-$s" --config "$root/etc/kop/$s.toml" --check-config >/dev/null ||
+			die "the rewritten $root/etc/kop/$s.toml is not valid"
+	done
+	log "broker $KOP_TEST_BROKERS, topics $PREFIX.*, API port $HTTP_PORT"
+}
+
+# ---------------------------------------------------------------------------
+# the container
+
+boot_container() {
+	local root=$RUN_DIR/root machine
+	machine="kop-test-$(printf '%04x%04x' $RANDOM $RANDOM)"
+	# Each container gets a machine id of its own.
+	tr -d '-' </proc/sys/kernel/random/uuid >"$root/etc/machine-id"
+	local args=(-D "$root" -b --machine="$machine" --console=read-only)
+	# Without systemd as PID 1 on the host there is no machined or bus to register with;
+	# the container then stays in the cgroup this script runs in.
+	[[ -d /run/systemd/system ]] || args+=(--register=no --keep-unit)
+	log "booting the container $machine (systemd-nspawn ${args[*]})"
+	systemd-nspawn "${args[@]}" </dev/null >"$RUN_DIR/console.log" 2>&1 &
+	NSPAWN_PID=$!
+
+	local deadline=$((SECONDS + 60)) pid
+	while [[ -z $LEADER ]]; do
+		container_running || die "systemd-nspawn exited at once; its output:
+$(tail -n 30 "$RUN_DIR/console.log")"
+		((SECONDS < deadline)) || die "the container's systemd did not start within 60 s"
+		for pid in $(pgrep -P "$NSPAWN_PID" || true); do
+			if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == systemd ]]; then
+				LEADER=$pid
+			fi
+		done
+		[[ -n $LEADER ]] || sleep 0.2
+	done
+
+	local state=
+	deadline=$((SECONDS + 180))
+	while ((SECONDS < deadline)); do
+		container_running || die "the container stopped while booting"
+		state=$(in_container timeout 30 systemctl is-system-running --wait 2>/dev/null || true)
+		[[ $state == running || $state == degraded ]] && break
+		sleep 0.5
+	done
+	case $state in
+	running) log "container up (systemd PID $LEADER on the host): system running" ;;
+	degraded)
+		log "container up, but degraded; failed units:"
+		in_container systemctl --failed --no-pager >&2 || true
+		;;
+	*) die "the container did not finish booting within 180 s (state: ${state:-unknown})" ;;
+	esac
+}
+
+prop() { # prop UNIT PROPERTY
+	in_container systemctl show -P "$2" "$1"
+}
+
+# Waits until every unit given is in the state (e.g. active), for up to $1 seconds.
+wait_state() {
+	local timeout=$1 want=$2 deadline unit
+	shift 2
+	deadline=$((SECONDS + timeout))
+	for unit in "$@"; do
+		while [[ $(prop "$unit" ActiveState) != "$want" ]]; do
+			((SECONDS < deadline)) || die "$unit is $(prop "$unit" ActiveState)/$(prop "$unit" SubState) (Result=$(prop "$unit" Result)), not $want, after ${timeout}s"
+			sleep 0.3
+		done
+	done
+}
+
+assert_all() { # assert_all STATE: each daemon is in it right now
+	local unit state
+	for unit in "${UNITS[@]}"; do
+		state=$(prop "$unit" ActiveState)
+		[[ $state == "$1" ]] || die "$unit is $state/$(prop "$unit" SubState), not $1"
+	done
+}
+
+assert_stopped_cleanly() {
+	wait_state 60 inactive "${UNITS[@]}"
+	local unit result
+	for unit in "${UNITS[@]}"; do
+		result=$(prop "$unit" Result)
+		[[ $result == success ]] || die "$unit stopped with Result=$result"
+	done
+}
+
+# ---------------------------------------------------------------------------
+# orders
+
+ACCEPTED=()
+
+post_orders() { # post_orders BATCH COUNT
+	local n id code
+	for ((n = 1; n <= $2; n++)); do
+		id="$PREFIX-$1-$n"
+		code=$(curl -sS -o "$RUN_DIR/answer" -w '%{http_code}' --max-time 15 \
+			-H 'Content-Type: application/json' -d "{\"orderId\":\"$id\",\"amount\":$((10 + n))}" \
+			"http://127.0.0.1:$HTTP_PORT/order") || die "POST /order $id: curl failed"
+		[[ $code == 202 ]] || die "POST /order $id: $code $(cat "$RUN_DIR/answer")"
+		ACCEPTED+=("$id")
+	done
+}
+
+# Waits until every accepted order is in the last topic (read_committed), then requires
+# each exactly once.
+expect_all_delivered() {
+	local topic=$PREFIX.inventory.reserved deadline=$((SECONDS + 90)) keys missing id dups
+	while :; do
+		keys=$(timeout 60 kcat -b "$KOP_TEST_BROKERS" -C -t "$topic" -X isolation.level=read_committed \
+			-e -o beginning -q -f '%k\n' 2>/dev/null || true)
+		missing=()
+		for id in "${ACCEPTED[@]}"; do
+			grep -qxF "$id" <<<"$keys" || missing+=("$id")
+		done
+		((${#missing[@]} == 0)) && break
+		((SECONDS < deadline)) || die "${#missing[@]} of ${#ACCEPTED[@]} accepted orders never reached $topic: ${missing[*]}"
+		sleep 1
+	done
+	dups=$(grep -v '^$' <<<"$keys" | sort | uniq -d)
+	[[ -z $dups ]] || die "orders delivered more than once to $topic: $dups"
+	log "all ${#ACCEPTED[@]} accepted orders reached $topic, each exactly once"
+}
+
+# ---------------------------------------------------------------------------
+# the checks
+
+check_unit_files() {
+	local out
+	out=$(in_container systemd-analyze verify /lib/systemd/system/kop-{order,payment,inventory,notification}.service \
+		/lib/systemd/system/kop.target 2>&1) || die "systemd-analyze verify failed:
+$out"
+	[[ -z $out ]] || die "systemd-analyze verify printed:
+$out"
+	log "systemd-analyze verify: nothing to report"
+	local unit score
+	for unit in "${UNITS[@]}"; do
+		out=$(in_container systemd-analyze security --offline=true "/lib/systemd/system/$unit.service" 2>&1) ||
+			die "systemd-analyze security $unit failed:
+$out"
+		score=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+		[[ -n $score ]] || die "no exposure level for $unit in:
+$out"
+		log "systemd-analyze security $unit.service: exposure $score"
+		awk -v s="$score" -v max="$MAX_EXPOSURE" 'BEGIN { exit !(s <= max) }' ||
+			die "$unit: exposure $score is above $MAX_EXPOSURE:
+$out"
+	done
+}
+
+check_target() {
+	wait_state 150 active "${UNITS[@]}"
+	log "kop.target (enabled) started all four daemons at boot"
+	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
+	assert_stopped_cleanly
+	log "systemctl stop kop.target: all four inactive, none failed"
+	in_container timeout 150 systemctl start kop.target || die "systemctl start kop.target failed"
+	# kop.target is ordered after the daemons: the start returns once each sent READY=1.
+	assert_all active
+	log "systemctl start kop.target: all four active (READY=1)"
+	# The sandbox leaves the daemons their metrics, /proc/self and /proc/stat included.
+	local s port code ports=()
+	for s in "${SERVICES[@]}"; do
+		ports+=("kop-$s :${METRICS_PORT[$s]}")
+		port=${METRICS_PORT[$s]}
+		code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$port/readyz") || code=none
+		[[ $code == 200 ]] || die "kop-$s: GET :$port/readyz answered $code, not 200"
+		curl -sS --max-time 10 "http://127.0.0.1:$port/metrics" >"$RUN_DIR/metrics" || die "kop-$s: GET :$port/metrics failed"
+		if ! grep -Eq '^process_open_fds(\{[^}]*\})? [1-9]' "$RUN_DIR/metrics" ||
+			! grep -Eq '^process_start_time_seconds(\{[^}]*\})? [1-9]' "$RUN_DIR/metrics"; then
+			die "kop-$s: no process metrics (open fds, start time) on :$port/metrics:
+$(grep '^process_' "$RUN_DIR/metrics")"
+		fi
+	done
+	log "each daemon answers /readyz 200 and has its process metrics ($(
+		IFS=,
+		echo "${ports[*]}"
+	))"
+}
+
+check_orders_and_journal() {
+	post_orders first 10
+	expect_all_delivered
+	local id=$PREFIX-first-3 out deadline=$((SECONDS + 20))
+	while :; do
+		out=$(in_container journalctl --no-pager -o verbose -u kop-payment "ORDER_ID=$id" 2>&1 || true)
+		grep -q "ORDER_ID=$id" <<<"$out" && break
+		((SECONDS < deadline)) || die "journalctl -u kop-payment ORDER_ID=$id finds nothing:
+$out"
+		sleep 0.5
+	done
+	for field in TOPIC PARTITION OFFSET ATTEMPT TRACE_ID; do
+		grep -q "^ *$field=" <<<"$out" || die "the journal entry of $id has no $field field:
+$out"
+	done
+	log "journalctl -u kop-payment ORDER_ID=$id finds it (with TOPIC, PARTITION, OFFSET, ATTEMPT, TRACE_ID)"
+}
+
+check_reload() {
+	local since pid
+	since=$(in_container date +%s)
+	pid=$(prop kop-payment MainPID)
+	in_container systemctl reload kop-payment || die "systemctl reload kop-payment failed"
+	[[ $(prop kop-payment MainPID) == "$pid" && $(prop kop-payment ActiveState) == active ]] ||
+		die "kop-payment did not survive the reload"
+	local deadline=$((SECONDS + 10))
+	until in_container journalctl --no-pager -o cat -u kop-payment --since "@$since" | grep -q 'configuration reloaded'; do
+		((SECONDS < deadline)) || die "kop-payment did not log 'configuration reloaded' after systemctl reload"
+		sleep 0.3
+	done
+	log "systemctl reload kop-payment: configuration re-read, same process"
+}
+
+check_kill_restart() {
+	local restarts pid deadline
+	restarts=$(prop kop-payment NRestarts)
+	pid=$(prop kop-payment MainPID)
+	in_container systemctl kill -s SIGKILL kop-payment || die "systemctl kill -s SIGKILL kop-payment failed"
+	# Accepted while kop-payment is down: they wait in Kafka.
+	post_orders while-down 10
+	deadline=$((SECONDS + 60))
+	until (($(prop kop-payment NRestarts) > restarts)) && [[ $(prop kop-payment ActiveState) == active ]]; do
+		((SECONDS < deadline)) || die "kop-payment was not restarted after SIGKILL within 60 s (NRestarts=$(prop kop-payment NRestarts), $(prop kop-payment ActiveState))"
+		sleep 0.3
+	done
+	[[ $(prop kop-payment MainPID) != "$pid" ]] || die "kop-payment has the same PID after SIGKILL"
+	log "SIGKILL: systemd restarted kop-payment (NRestarts $restarts → $(prop kop-payment NRestarts), PID $pid → $(prop kop-payment MainPID))"
+	post_orders after-kill 10
+	expect_all_delivered
+}
+
+check_watchdog() {
+	local config=$RUN_DIR/root/etc/kop/inventory.toml backup=$RUN_DIR/inventory.toml.orig
+	cp -p "$config" "$backup"
+	rewrite_config "$REPO_ROOT/etc/kop/inventory.toml" "$config" "$PREFIX" "${METRICS_PORT[inventory]}" "" true
+	grep -qx 'stall = true' "$config" || die "could not set stall = true in $config"
+	local since restarts watchdog deadline
+	since=$(in_container date +%s)
+	in_container systemctl restart kop-inventory || die "systemctl restart kop-inventory failed"
+	restarts=$(prop kop-inventory NRestarts)
+	watchdog=$(prop kop-inventory WatchdogUSec)
+	log "kop-inventory restarted with [simulate] stall = true; waiting for the watchdog ($watchdog)"
+	deadline=$((SECONDS + 60))
+	until (($(prop kop-inventory NRestarts) > restarts)); do
+		((SECONDS < deadline)) || die "the watchdog did not restart the stalled kop-inventory within 60 s"
+		sleep 0.5
+	done
+	local journal
+	journal=$(in_container journalctl --no-pager -o cat -u kop-inventory --since "@$since")
+	grep -q 'Watchdog timeout' <<<"$journal" || die "no watchdog timeout in the journal of kop-inventory:
+$journal"
+	grep -q "Failed with result 'watchdog'" <<<"$journal" || die "kop-inventory did not fail with result 'watchdog':
+$journal"
+	log "watchdog: '$(grep -m1 'Watchdog timeout' <<<"$journal")'; NRestarts $restarts → $(prop kop-inventory NRestarts)"
+
+	cp -p "$backup" "$config"
+	in_container systemctl restart kop-inventory || die "systemctl restart kop-inventory failed"
+	wait_state 30 active kop-inventory
+	post_orders after-watchdog 10
+	expect_all_delivered
+}
+
+check_config_error() {
+	local config=$RUN_DIR/root/etc/kop/notification.toml backup=$RUN_DIR/notification.toml.orig
+	cp -p "$config" "$backup"
+	printf '\n[bogus]\nkey = 1\n' >>"$config"
+	local since
+	since=$(in_container date +%s)
+	! in_container systemctl restart kop-notification 2>/dev/null ||
+		die "kop-notification started with an unknown section in its configuration"
+	wait_state 10 failed kop-notification
+	# Past RestartSec: had systemd scheduled a restart, it would show by now.
+	sleep 3
+	local status restarts
+	status=$(prop kop-notification ExecMainStatus)
+	restarts=$(prop kop-notification NRestarts)
+	[[ $status == 78 && $restarts == 0 && $(prop kop-notification ActiveState) == failed ]] ||
+		die "kop-notification with a bad configuration: exit status $status, NRestarts $restarts, $(prop kop-notification ActiveState); want 78, 0, failed"
+	in_container journalctl --no-pager -o cat -u kop-notification --since "@$since" | grep -q 'configuration error' ||
+		die "the journal of kop-notification does not say 'configuration error'"
+	log "bad configuration: kop-notification exited 78, logged the error, and was not restarted"
+	cp -p "$backup" "$config"
+	in_container systemctl restart kop-notification || die "systemctl restart kop-notification failed"
+	wait_state 30 active kop-notification
+}
+
+main() {
+	case ${1:-} in
+	-h | --help)
+		usage
+		return 0
+		;;
+	"") ;;
+	*)
+		usage >&2
+		return 2
+		;;
+	esac
+	trap on_exit EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+
+	check_prerequisites
+	ensure_tree
+
+	log "building the release binaries"
+	(cd "$REPO_ROOT" && "${CARGO:-cargo}" build --release --bins) || die "cargo build --release --bins failed"
+
+	mkdir -p "$WORK_BASE"
+	RUN_DIR=$(mktemp -d "$WORK_BASE/kop-systemd-test.XXXXXX")
+	# This run's root: an overlay on the cached tree (which stays untouched), else a copy.
+	mkdir -p "$RUN_DIR"/{root,upper,work}
+	if mount -t overlay overlay -o "lowerdir=$CACHE,upperdir=$RUN_DIR/upper,workdir=$RUN_DIR/work" \
+		"$RUN_DIR/root" 2>"$RUN_DIR/mount.err"; then
+		log "the container's root: $RUN_DIR/root, an overlay on the cached tree"
+	else
+		log "no overlay ($(<"$RUN_DIR/mount.err")); copying the tree to $RUN_DIR/root"
+		rmdir "$RUN_DIR/root"
+		cp -a --reflink=auto "$CACHE" "$RUN_DIR/root"
+	fi
+	install_kop "$RUN_DIR/root"
+
+	boot_container
+	check_unit_files
+	check_target
+	check_orders_and_journal
+	check_reload
+	check_kill_restart
+	check_watchdog
+	check_config_error
+
+	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
+	assert_stopped_cleanly
+	log "systemctl stop kop.target: all four inactive, none failed"
+}
+
+main "$@"

@@ -1,0 +1,344 @@
+//! The Nix files (flake.nix, nix/*.nix) cannot be built or evaluated here: there is no
+//! nixpkgs. What can be checked without it is checked with Debian's `nix-instantiate`
+//! (package `nix-bin`), which is required: without it these tests fail, they never skip.
+//!
+//! - every `*.nix` file of the repository parses, and every path literal in it names a
+//!   file or directory of the repository that exists (a flake can reach nothing else);
+//! - flake.lock pins nixpkgs, and only nixpkgs, to a real revision of the branch that
+//!   flake.nix asks for;
+//! - the plain-data files evaluate and agree with what they describe: nix/ports.nix with
+//!   etc/kop/*.toml, nix/unit.nix with the [Service] sections of systemd/kop-*.service.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `nix-instantiate ARGS` and returns its standard output; panics (the test fails)
+/// when the program is missing or exits non-zero.
+fn nix_instantiate(args: &[&str]) -> String {
+    let output = Command::new("nix-instantiate")
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run nix-instantiate ({e}): install it (Debian: apt-get install nix-bin); \
+                 the Nix files are only checked with it"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "nix-instantiate {} failed ({}):\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("nix-instantiate prints UTF-8")
+}
+
+/// Evaluates a plain-data Nix file (no nixpkgs) to JSON.
+fn eval_json(file: &str) -> serde_json::Value {
+    let json = nix_instantiate(&["--eval", "--strict", "--json", "--readonly-mode", file]);
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{file} did not evaluate to JSON: {e}"))
+}
+
+/// Every `*.nix` file of the repository, build output and hidden directories aside.
+fn nix_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.expect("directory entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_dir() {
+                if name != "target" && name != "node_modules" && !name.starts_with('.') {
+                    walk(&path, found);
+                }
+            } else if name.ends_with(".nix") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&repo(), &mut found);
+    found.sort();
+    found
+}
+
+/// The path literals of `nix-instantiate --parse` output, which prints them resolved to
+/// absolute paths and everything else (strings included) in a form that never starts a
+/// token with `/`: the update operator `//` is followed by a space, division is `__div`.
+fn path_literals(parsed: &str) -> Vec<String> {
+    let is_path_char = |c: char| c.is_ascii_alphanumeric() || "._-+/".contains(c);
+    let chars: Vec<char> = parsed.chars().collect();
+    let mut paths = Vec::new();
+    let mut in_string = false;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if in_string {
+            match c {
+                '\\' => i += 1,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if c == '/'
+            && (i == 0 || !is_path_char(chars[i - 1]))
+            && chars
+                .get(i + 1)
+                .is_some_and(|&n| n != '/' && is_path_char(n))
+        {
+            let start = i;
+            while i < chars.len() && is_path_char(chars[i]) {
+                i += 1;
+            }
+            paths.push(chars[start..i].iter().collect());
+            continue;
+        }
+        i += 1;
+    }
+    paths
+}
+
+#[test]
+fn path_literals_are_found_in_parse_output() {
+    let parsed = r#"({ x ? /r/docker/a.yml }: { a = (__div 1 2); b = ({ } // { }); s = ("not /a/path" + "\"/nor/this"); p = (/r + "/bench"); q = [ (/r/nix/ports.nix) ]; })"#;
+    assert_eq!(
+        path_literals(parsed),
+        ["/r/docker/a.yml", "/r", "/r/nix/ports.nix"]
+    );
+}
+
+#[test]
+fn every_nix_file_parses_and_its_paths_exist() {
+    let root = repo();
+    let files = nix_files();
+    for wanted in [
+        "flake.nix",
+        "nix/package.nix",
+        "nix/module.nix",
+        "nix/platform.nix",
+        "nix/vm-test.nix",
+    ] {
+        assert!(
+            files.contains(&root.join(wanted)),
+            "{wanted} is missing (found: {files:?})"
+        );
+    }
+
+    let mut problems = Vec::new();
+    for file in &files {
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        let parsed = nix_instantiate(&["--parse", file.to_str().expect("UTF-8 path")]);
+        for literal in path_literals(&parsed) {
+            let path = Path::new(&literal);
+            if !path.starts_with(&root) {
+                problems.push(format!("{shown}: {literal} is outside the repository"));
+            } else if !path.exists() {
+                problems.push(format!("{shown}: {literal} does not exist"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn flake_lock_pins_nixpkgs_to_the_branch_of_flake_nix() {
+    let flake = std::fs::read_to_string(repo().join("flake.nix")).expect("flake.nix");
+    let prefix = "\"github:NixOS/nixpkgs/";
+    let start = flake
+        .find(prefix)
+        .expect("flake.nix: nixpkgs.url = \"github:NixOS/nixpkgs/<branch>\"")
+        + prefix.len();
+    let branch = &flake[start..start + flake[start..].find('"').expect("closing quote")];
+
+    let text = std::fs::read_to_string(repo().join("flake.lock")).expect("flake.lock");
+    let lock: serde_json::Value = serde_json::from_str(&text).expect("flake.lock is JSON");
+    assert_eq!(lock["version"], 7, "lock file version");
+    let root = lock["root"].as_str().expect("root node name");
+    let inputs = lock["nodes"][root]["inputs"]
+        .as_object()
+        .expect("root inputs");
+    assert_eq!(
+        inputs.keys().collect::<Vec<_>>(),
+        ["nixpkgs"],
+        "nixpkgs is the only input"
+    );
+    let node_name = inputs["nixpkgs"].as_str().expect("nixpkgs node name");
+    let node = &lock["nodes"][node_name];
+
+    let original = &node["original"];
+    assert_eq!(original["type"], "github");
+    assert_eq!(original["owner"], "NixOS");
+    assert_eq!(original["repo"], "nixpkgs");
+    assert_eq!(
+        original["ref"], branch,
+        "flake.lock locks another branch than flake.nix asks for"
+    );
+
+    let locked = &node["locked"];
+    assert_eq!(locked["type"], "github");
+    assert_eq!(locked["owner"], "NixOS");
+    assert_eq!(locked["repo"], "nixpkgs");
+    let rev = locked["rev"].as_str().expect("locked.rev");
+    assert!(
+        rev.len() == 40
+            && rev
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+        "locked.rev is not a commit id: {rev}"
+    );
+    let nar_hash = locked["narHash"].as_str().expect("locked.narHash");
+    let base64 = nar_hash
+        .strip_prefix("sha256-")
+        .unwrap_or_else(|| panic!("locked.narHash is not sha256-…: {nar_hash}"));
+    assert!(
+        base64.len() == 44
+            && base64.ends_with('=')
+            && base64[..43]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/'),
+        "locked.narHash is not the base64 of a SHA-256: {nar_hash}"
+    );
+    assert!(
+        locked["lastModified"].as_u64().is_some(),
+        "locked.lastModified is a Unix time"
+    );
+}
+
+/// The port of a `host:port` listen address.
+fn port_of(address: &str) -> u64 {
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not host:port: {address}"))
+}
+
+#[test]
+fn nix_ports_match_the_shipped_configurations() {
+    let ports = eval_json("nix/ports.nix");
+    let daemons = ports["daemons"].as_object().expect("daemons");
+    assert_eq!(
+        daemons.keys().collect::<Vec<_>>(),
+        ["inventory", "notification", "order", "payment"]
+    );
+    for (name, nix) in daemons {
+        let file = format!("etc/kop/{name}.toml");
+        let text = std::fs::read_to_string(repo().join(&file)).expect(&file);
+        let toml: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let listen = toml["metrics"]["listen"].as_str().expect("metrics.listen");
+        assert_eq!(nix["metrics"], port_of(listen), "{file}: metrics.listen");
+        let brokers = toml["kafka"]["bootstrap.servers"]
+            .as_str()
+            .expect("bootstrap.servers");
+        assert_eq!(
+            ports["kafka"],
+            port_of(brokers),
+            "{file}: bootstrap.servers"
+        );
+        if name == "order" {
+            let api = toml["http"]["listen"].as_str().expect("http.listen");
+            assert_eq!(nix["api"], port_of(api), "{file}: http.listen");
+        }
+    }
+}
+
+/// `key=value` lines of a unit file's [Service] section, in order, comments aside.
+fn service_section(unit: &str) -> Vec<(String, String)> {
+    let mut in_service = false;
+    let mut entries = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+            continue;
+        }
+        if in_service {
+            assert!(
+                !line.ends_with('\\'),
+                "continued lines are not handled: {line}"
+            );
+            let (key, value) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not key=value: {line}"));
+            entries.push((key.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    entries
+}
+
+/// A NixOS `serviceConfig` value as the unit file lines it becomes.
+fn unit_values(value: &serde_json::Value) -> Vec<String> {
+    match value {
+        serde_json::Value::Bool(true) => vec!["yes".into()],
+        serde_json::Value::Bool(false) => vec!["no".into()],
+        serde_json::Value::Number(n) => vec![n.to_string()],
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(items) => items.iter().flat_map(unit_values).collect(),
+        other => panic!("not a systemd setting: {other}"),
+    }
+}
+
+#[test]
+fn nix_unit_settings_mirror_the_systemd_units() {
+    let nix = eval_json("nix/unit.nix");
+    let nix: BTreeMap<String, Vec<String>> = nix["serviceConfig"]
+        .as_object()
+        .expect("serviceConfig")
+        .iter()
+        .map(|(key, value)| (key.clone(), unit_values(value)))
+        .collect();
+
+    let mut units: Vec<PathBuf> = std::fs::read_dir(repo().join("systemd"))
+        .expect("systemd/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("kop-") && name.ends_with(".service")
+        })
+        .collect();
+    units.sort();
+    assert_eq!(units.len(), 4, "four units: {units:?}");
+
+    for unit in units {
+        let text = std::fs::read_to_string(&unit).expect("unit file");
+        let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, value) in service_section(&text) {
+            if !matches!(
+                key.as_str(),
+                "ExecStart" | "ExecReload" | "ConfigurationDirectory"
+            ) {
+                settings.entry(key).or_default().push(value);
+            }
+        }
+        let mut differences = Vec::new();
+        for key in settings.keys().chain(nix.keys()) {
+            let (in_unit, in_nix) = (settings.get(key), nix.get(key));
+            if in_unit != in_nix
+                && !differences
+                    .iter()
+                    .any(|d: &String| d.starts_with(&format!("{key}:")))
+            {
+                differences.push(format!("{key}: unit {in_unit:?}, nix/unit.nix {in_nix:?}"));
+            }
+        }
+        assert!(
+            differences.is_empty(),
+            "{} and nix/unit.nix differ:\n{}",
+            unit.display(),
+            differences.join("\n")
+        );
+    }
+}
