@@ -61,14 +61,18 @@ done
 
 # Each daemon is ready when its /readyz says so (it waits for Kafka and its topics).
 declare -A METRICS_PORT=([order]=9100 [payment]=9104 [inventory]=9102 [notification]=9103)
+index=0
 for service in order payment inventory notification; do
 	port=${METRICS_PORT[$service]}
+	pid=${PIDS[$index]}
+	index=$((index + 1))
 	for _ in $(seq 1 600); do
 		if curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
 			break
 		fi
-		if ! kill -0 "${PIDS[0]}" 2>/dev/null; then
-			say "kop-order exited; see $RUN_DIR/kop-order.log"
+		# Our own daemon must be alive: an answer on the port could come from another one.
+		if ! kill -0 "$pid" 2>/dev/null; then
+			say "kop-$service exited; see $RUN_DIR/kop-$service.log"
 			exit 1
 		fi
 		sleep 0.1
@@ -76,6 +80,32 @@ for service in order payment inventory notification; do
 	curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 ||
 		{ say "kop-$service not ready after 60 s; see $RUN_DIR/kop-$service.log"; exit 1; }
 done
+
+DAEMON_PIDS=("${PIDS[@]}")
+
+# Prometheus with the repository's alert rules, when it is installed (Debian: prometheus).
+PROMETHEUS_LINE="not started: no prometheus binary (Debian package prometheus; or docker compose / nix run .#platform)"
+if command -v prometheus >/dev/null; then
+	mkdir -p "$RUN_DIR/prometheus"
+	cp "$ROOT/docker/prometheus/alerts.yml" "$RUN_DIR/alerts.yml"
+	cat >"$RUN_DIR/prometheus.yml" <<PROM
+# Written by start.sh: the compose stack's scrape configuration, for this machine.
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files: [alerts.yml]
+scrape_configs:
+  - job_name: prometheus
+    static_configs: [{targets: ["127.0.0.1:9090"]}]
+  - job_name: kop
+    static_configs:
+      - targets: ["127.0.0.1:9100", "127.0.0.1:9104", "127.0.0.1:9102", "127.0.0.1:9103"]
+PROM
+	prometheus --config.file="$RUN_DIR/prometheus.yml" --storage.tsdb.path="$RUN_DIR/prometheus" \
+		--web.listen-address=127.0.0.1:9090 >"$RUN_DIR/prometheus.log" 2>&1 &
+	PIDS+=($!)
+	PROMETHEUS_LINE="http://localhost:9090 (alerts under /alerts; log $RUN_DIR/prometheus.log)"
+fi
 
 cat <<EOF
 
@@ -87,10 +117,12 @@ kop is running (Ctrl-C stops everything started here)
 
   curl -X POST http://localhost:${PORT:-4000}/order -H 'Content-Type: application/json' -d '{"orderId":"o1","amount":42}'
 
-Not started here: Prometheus, Grafana and the Kafka exporter (see the README, "Observability").
+  Prometheus       $PROMETHEUS_LINE
+  Grafana          not started: not packaged for Debian; docker compose or nix run .#platform run it
+  Kafka exporter   not started: not packaged for Debian; kop's own kafka_consumer_lag covers the lag
 EOF
 
 # Stay in the foreground until a daemon stops or Ctrl-C.
-wait -n "${PIDS[@]}" || true
+wait -n "${DAEMON_PIDS[@]}" || true
 say "a daemon exited; see $RUN_DIR/"
 exit 1

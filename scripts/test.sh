@@ -21,7 +21,7 @@ Usage: scripts/test.sh [--no-lint] [--] [cargo test arguments] [-- test binary a
 
 Installs missing build dependencies (apt), checks formatting and
 clippy lints, starts a fresh single-node Kafka broker, runs
-"cargo test --all-targets" against it and stops the broker again.
+"cargo test --lib --bins --tests" against it and stops the broker again.
 The exit status is that of the first failing step (0 if all passed).
 
 Options:
@@ -31,7 +31,7 @@ Options:
 Everything else goes to cargo test, e.g.
   scripts/test.sh -- pipeline                 only tests whose name contains "pipeline"
   scripts/test.sh --test orders -- --nocapture
-If no target is selected (--lib, --test NAME, ...) --all-targets is added;
+If no target is selected (--lib, --test NAME, ...) --lib --bins --tests is added;
 --test-threads=$KOP_TEST_THREADS (default 2) is added unless given.
 
 Environment:
@@ -198,7 +198,8 @@ main() {
 		cargo_args+=("$1")
 		shift
 	done
-	local targets=(--all-targets)
+	# Benchmarks are not tests: bench/run.sh runs them (clippy still checks them).
+	local targets=(--lib --bins --tests)
 	for arg in "${cargo_args[@]}"; do
 		case $arg in
 		--lib | --bins | --bin | --bin=* | --tests | --test | --test=* | --examples | --example | --example=* | \

@@ -168,7 +168,11 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         if due >= deadline {
             break;
         }
-        tokio::time::sleep_until(due.into()).await;
+        // Only a schedule sleeps: sleep_until(now) would still wait for the timer's next
+        // millisecond tick and cap --max-rate at about one request per millisecond.
+        if config.rps > 0.0 {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
