@@ -11,6 +11,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$ROOT"
 RUN_DIR=${KOP_RUN_DIR:-$ROOT/.run}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 mkdir -p "$RUN_DIR"
 
 say() { printf 'start.sh: %s\n' "$*" >&2; }
@@ -55,7 +56,7 @@ export KAFKA_BROKERS
 for service in order payment inventory notification; do
 	log="$RUN_DIR/kop-$service.log"
 	# One METRICS_PORT for four processes would collide: each keeps its own default here.
-	env -u METRICS_PORT "$ROOT/target/release/kop-$service" --config "$ROOT/etc/kop/$service.toml" >"$log" 2>&1 &
+	env -u METRICS_PORT "$TARGET_DIR/release/kop-$service" --config "$ROOT/etc/kop/$service.toml" >"$log" 2>&1 &
 	PIDS+=($!)
 done
 

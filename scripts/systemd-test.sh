@@ -329,9 +329,9 @@ install_kop() {
 	local root=$1 s taken=()
 	log "installing the binaries, units and configuration into the container"
 	for s in "${SERVICES[@]}"; do
-		install -m 0755 "$REPO_ROOT/target/release/kop-$s" "$root/usr/bin/kop-$s"
+		install -m 0755 "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/kop-$s" "$root/usr/bin/kop-$s"
 	done
-	install -m 0755 "$REPO_ROOT/target/release/kopctl" "$root/usr/bin/kopctl"
+	install -m 0755 "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/kopctl" "$root/usr/bin/kopctl"
 	install -m 0644 "$REPO_ROOT"/systemd/*.service "$REPO_ROOT"/systemd/kop.target "$root/lib/systemd/system/"
 	# What a package's postinst does: enable the target, which wants the four daemons.
 	systemctl --root="$root" --quiet enable kop.target "${UNITS[@]/%/.service}"
