@@ -291,7 +291,9 @@ pub fn stage_main(service: Service, handler: Arc<dyn Handler>) -> ExitCode {
             return ExitCode::from(EX_FAILURE);
         }
     };
-    runtime.block_on(run_stage(service, config, path, handler))
+    let code = runtime.block_on(run_stage(service, config, path, handler));
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
 }
 
 async fn run_stage(
@@ -369,10 +371,7 @@ async fn run_stage(
             }
         }
     };
-    health.set_ready(false);
-    let _ = server.await;
-    info!("stopped");
-    code
+    stop_serving_metrics(&health, server, code).await
 }
 
 async fn start_metrics(
@@ -412,7 +411,9 @@ pub fn order_main() -> ExitCode {
             return ExitCode::from(EX_FAILURE);
         }
     };
-    runtime.block_on(run_order(config, path))
+    let code = runtime.block_on(run_order(config, path));
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
 }
 
 async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
@@ -471,7 +472,21 @@ async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
             }
         },
     };
+    stop_serving_metrics(&health, server, code).await
+}
+
+/// After a clean stop the metrics server has seen the shutdown and ends by itself; after a
+/// failure nobody asked it to stop, so it is stopped here and the process exits non-zero
+/// (and systemd restarts it).
+async fn stop_serving_metrics(
+    health: &Health,
+    server: tokio::task::JoinHandle<()>,
+    code: ExitCode,
+) -> ExitCode {
     health.set_ready(false);
+    if code != ExitCode::SUCCESS {
+        server.abort();
+    }
     let _ = server.await;
     info!("stopped");
     code

@@ -109,6 +109,8 @@ pub enum StageError {
     Rewind(KafkaError),
     #[error("a blocking Kafka call panicked")]
     Join,
+    #[error("a transaction call did not return within its timeout")]
+    Hung,
 }
 
 /// The consumer's context: turns librdkafka statistics into lag gauges, and abandons the
@@ -547,14 +549,23 @@ impl Stage {
                     .group_metadata()
                     .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::State))?;
                 let producer = self.shared.producer.clone();
-                let outcome = blocking(move || {
+                let call = blocking(move || {
                     producer.send_offsets_to_transaction(&offsets, &metadata, CALL_TIMEOUT)?;
                     retry_retriable(|| producer.commit_transaction(CALL_TIMEOUT))
-                })
-                .await?;
-                context.transaction_open.store(false, Ordering::Release);
+                });
+                // librdkafka may ignore the timeout (confluentinc/librdkafka#5456, #5511).
+                let outcome = match tokio::time::timeout(CALL_TIMEOUT * 5, call).await {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        error!(
+                            "a transaction call did not return; giving up so that a restart recovers"
+                        );
+                        return Err(StageError::Hung);
+                    }
+                };
                 match outcome {
                     Ok(()) => {
+                        context.transaction_open.store(false, Ordering::Release);
                         self.shared
                             .metrics
                             .transactions
@@ -642,7 +653,22 @@ impl Stage {
             if assignment.count() == 0 {
                 return Ok(());
             }
-            let committed = self.consumer.committed_offsets(assignment, CALL_TIMEOUT)?;
+            let mut tries = 0;
+            let committed = loop {
+                match self
+                    .consumer
+                    .committed_offsets(assignment.clone(), CALL_TIMEOUT)
+                {
+                    Ok(committed) => break committed,
+                    // The group coordinator may be moving to another broker.
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        warn!(error = %e, "cannot read the committed offsets yet; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             let mut seek = TopicPartitionList::new();
             for element in committed.elements() {
                 let offset = match element.offset() {
