@@ -436,9 +436,27 @@ pub fn consume(
 
 /// [`consume`] from another broker.
 pub fn consume_with(
-    mut config: ClientConfig,
+    config: ClientConfig,
     topic: &str,
     expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<OwnedMessage> {
+    consume_until(
+        config,
+        topic,
+        |records| records.len() >= expected,
+        timeout,
+        settle,
+    )
+}
+
+/// Reads a topic from the beginning (read_committed) until `done` says the records read so
+/// far are enough, then for `settle` more; gives up after `timeout`.
+pub fn consume_until(
+    mut config: ClientConfig,
+    topic: &str,
+    done: impl Fn(&[OwnedMessage]) -> bool,
     timeout: Duration,
     settle: Duration,
 ) -> Vec<OwnedMessage> {
@@ -452,6 +470,8 @@ pub fn consume_with(
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
     let mut settle_until: Option<Instant> = None;
+    let mut checked = 0;
+    let mut last_check = Instant::now() - Duration::from_secs(1);
     loop {
         let now = Instant::now();
         if settle_until.is_some_and(|t| now >= t) {
@@ -463,8 +483,17 @@ pub fn consume_with(
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             out.push(message.detach());
         }
-        if out.len() >= expected && settle_until.is_none() {
-            settle_until = Some(Instant::now() + settle);
+        // Judged at most every 250 ms: `done` may look at every record read so far.
+        if settle_until.is_none()
+            && out.len() != checked
+            && last_check.elapsed() >= Duration::from_millis(250)
+            || settle_until.is_none() && out.is_empty() && checked == 0
+        {
+            checked = out.len();
+            last_check = Instant::now();
+            if done(&out) {
+                settle_until = Some(Instant::now() + settle);
+            }
         }
     }
     out
