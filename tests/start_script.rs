@@ -119,6 +119,7 @@ fn processes_logging_into(dir: &std::path::Path) -> Vec<u32> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "not yet seen to pass in a fresh-clone run (it builds release binaries inside the test); run with --ignored"]
 async fn start_sh_runs_the_platform_and_ctrl_c_stops_it() {
     let _ = brokers();
     let state = std::env::temp_dir().join(unique("kop-start-broker"));
