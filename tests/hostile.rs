@@ -109,8 +109,10 @@ fn garbage(n: usize) -> Garbage {
             2 => "traceparent".to_string(),
             _ => format!("h{}", rand::random::<u16>()),
         };
-        let value: Vec<u8> = (0..(rand::random::<u8>() % 40))
-            .map(|_| rand::random::<u8>())
+        // A leading `~` keeps a routing header malformed: random bytes alone are sometimes
+        // a valid number ("5"), which would make the record's attempt count legitimately 6.
+        let value: Vec<u8> = std::iter::once(b'~')
+            .chain((0..(rand::random::<u8>() % 40)).map(|_| rand::random::<u8>()))
             .collect();
         headers.push((name, value));
     }
