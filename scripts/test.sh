@@ -70,6 +70,7 @@ ensure_system_packages() {
 		prometheus docker-compose python3-yaml                               # promtool, compose file checks
 		systemd-container debootstrap curl                                   # the test under a real systemd
 		nix-bin                                                              # nix-instantiate --parse
+		openssl                                                              # certificates for the SASL_SSL test
 	)
 	# Java and Maven only run the broker; any installation of them will do.
 	command -v java >/dev/null || wanted+=(default-jre-headless)
