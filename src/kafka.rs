@@ -4,13 +4,16 @@
 //! depend on (idempotence, transactions, isolation level, manual commits), and those win
 //! over the table because the delivery semantics the README promises rest on them.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
 use crate::config::Common;
 
@@ -120,16 +123,80 @@ pub fn stage_consumer_config(common: &Common, group_id: &str) -> ClientConfig {
     config
 }
 
+/// Asks the cluster for metadata, giving up within seconds. When that fails, librdkafka's
+/// own account of the first failure is logged: a refused login or a failed TLS handshake
+/// tells an operator far more than the request's "broker transport failure".
+pub fn probe(common: &Common) -> Result<(), KafkaError> {
+    let producer: BaseProducer<ProbeContext> =
+        base_config(common).create_with_context(ProbeContext::default())?;
+    let result = producer
+        .client()
+        .fetch_metadata(None, Duration::from_secs(5))
+        .map(drop);
+    if result.is_err() {
+        // Errors reach the context only through its event queue.
+        producer.poll(Duration::from_millis(300));
+        if let Some(reason) = producer.context().cause() {
+            tracing::error!(%reason, "Kafka refused or dropped the connection");
+        }
+    }
+    result
+}
+
+/// Collects what librdkafka reports while the probe runs: its warnings and errors.
+#[derive(Default)]
+struct ProbeContext {
+    reports: Mutex<Vec<String>>,
+}
+
+impl ProbeContext {
+    fn report(&self, text: String) {
+        let mut reports = self.reports.lock().unwrap();
+        if reports.len() < 16 {
+            reports.push(text);
+        }
+    }
+
+    /// The first report naming a cause. "All brokers are down" is only the consequence: a
+    /// TLS connection dropped by the broker is a log line, never an error event, while the
+    /// consequence is.
+    fn cause(&self) -> Option<String> {
+        let reports = self.reports.lock().unwrap();
+        reports
+            .iter()
+            .find(|r| !r.contains("AllBrokersDown"))
+            .or(reports.first())
+            .cloned()
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.report(format!("{facility}: {message}"));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.report(format!("{error}: {reason}"));
+    }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
 /// Creates the topics that are missing; existing ones are left as they are.
 pub async fn ensure_topics(
     common: &Common,
     names: &[&str],
     timeout: Duration,
 ) -> Result<Vec<String>, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(common).create()?;
     // Without a broker the admin request would only give up after its own long timeout;
     // asking for metadata first says within seconds that nobody answers.
-    tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, Duration::from_secs(5)))?;
+    tokio::task::block_in_place(|| probe(common))?;
+    let admin: AdminClient<DefaultClientContext> = base_config(common).create()?;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
