@@ -649,6 +649,36 @@ check_config_error() {
 	wait_state 30 active kop-notification
 }
 
+# The README's way to keep a password out of the world-readable /etc/kop: a root-only file
+# handed over with LoadCredential=. The world-readable file is broken meanwhile, so the
+# daemon starting proves it read the credential.
+check_credential() {
+	local root=$RUN_DIR/root
+	local config=$root/etc/kop/notification.toml backup=$RUN_DIR/notification.toml.cred
+	local dropin=$root/etc/systemd/system/kop-notification.service.d
+	cp -p "$config" "$backup"
+	install -d -m 0700 "$root/etc/kop/private"
+	install -m 0600 "$config" "$root/etc/kop/private/notification.toml"
+	printf '\n[bogus]\nkey = 1\n' >>"$config"
+	mkdir -p "$dropin"
+	cat >"$dropin/credential.conf" <<'EOF'
+[Service]
+LoadCredential=notification.toml:/etc/kop/private/notification.toml
+ExecStart=
+ExecStart=/usr/bin/kop-notification --config ${CREDENTIALS_DIRECTORY}/notification.toml
+EOF
+	in_container systemctl daemon-reload || die "systemctl daemon-reload failed"
+	in_container systemctl restart kop-notification ||
+		die "kop-notification did not start with its configuration passed by LoadCredential="
+	wait_state 30 active kop-notification
+	log "LoadCredential=: kop-notification runs on its configuration from a root-only file"
+	rm -r "$dropin" "$root/etc/kop/private"
+	cp -p "$backup" "$config"
+	in_container systemctl daemon-reload || die "systemctl daemon-reload failed"
+	in_container systemctl restart kop-notification || die "systemctl restart kop-notification failed"
+	wait_state 30 active kop-notification
+}
+
 main() {
 	case ${1:-} in
 	-h | --help)
@@ -693,6 +723,7 @@ main() {
 	check_kill_restart
 	check_watchdog
 	check_config_error
+	check_credential
 
 	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
 	assert_stopped_cleanly

@@ -140,60 +140,13 @@ fn make_certs() -> Certs {
     certs
 }
 
-/// The SASL_SSL broker of this test; deleted with its data when dropped.
-struct SecureBroker {
-    state: PathBuf,
-    address: String,
-}
-
-impl SecureBroker {
-    fn start(certs: &Path) -> SecureBroker {
-        let state = std::env::temp_dir().join(unique("kop-secure-broker"));
-        let output = Command::new(repo().join("scripts/kafka.sh"))
-            .args(["start", "--port", "0", "--sasl-ssl"])
-            .arg(certs)
-            .env("KOP_KAFKA_STATE", &state)
-            .env("KOP_KAFKA_START_TIMEOUT", "150")
-            .output()
-            .expect("run scripts/kafka.sh");
-        let mut broker = SecureBroker {
-            state,
-            address: String::new(),
-        };
-        assert!(
-            output.status.success(),
-            "scripts/kafka.sh start --sasl-ssl failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        broker.address = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .last()
-            .expect("bootstrap address")
-            .trim()
-            .to_string();
-        broker
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state.join("broker.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for SecureBroker {
-    /// Deletes the broker; after a failure it only stops it and keeps its log.
-    fn drop(&mut self) {
-        let failed = std::thread::panicking();
-        let _ = Command::new(repo().join("scripts/kafka.sh"))
-            .arg(if failed { "stop" } else { "reset" })
-            .env("KOP_KAFKA_STATE", &self.state)
-            .status();
-        if failed {
-            eprintln!(
-                "broker stopped; its log is {}/broker.log",
-                self.state.display()
-            );
-        }
-    }
+/// The SASL_SSL broker of this test: its only client listener wants SCRAM logins over TLS.
+fn start_secure_broker(certs: &Path) -> OwnBroker {
+    let certs = certs.to_str().expect("a UTF-8 temp path");
+    OwnBroker::start_with(
+        std::env::temp_dir().join(unique("kop-secure-broker")),
+        &["--port", "0", "--sasl-ssl", certs],
+    )
 }
 
 /// The `[kafka]` properties of a SASL_SSL client: what an operator writes.
@@ -288,7 +241,7 @@ async fn orders_flow_over_sasl_ssl_and_clients_without_credentials_are_refused()
     let _ = brokers();
     let started = Instant::now();
     let certs = make_certs();
-    let broker = SecureBroker::start(&certs.dir);
+    let broker = start_secure_broker(&certs.dir);
     eprintln!(
         "SASL_SSL broker at {} after {:.1}s",
         broker.address,
@@ -404,7 +357,7 @@ async fn orders_flow_over_sasl_ssl_and_clients_without_credentials_are_refused()
         eprintln!("daemon with {name}, never ready: {reason}");
     }
     // The broker logged the wrong password as a failed SCRAM authentication.
-    let broker_log = broker.log();
+    let broker_log = std::fs::read_to_string(broker.state.join("broker.log")).unwrap_or_default();
     assert!(
         broker_log.contains("Failed authentication")
             && broker_log.contains("invalid credentials with SASL mechanism SCRAM-SHA-512"),

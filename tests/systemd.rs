@@ -2,8 +2,9 @@
 //! boots a Debian bookworm container with systemd-nspawn, installs the release binaries,
 //! the units and the configuration in it as a package would, and checks start/stop of
 //! kop.target, READY=1, orders end to end, the journal fields, reload, restart after
-//! SIGKILL, the watchdog, no restart after a configuration error (exit 78) and the units'
-//! hardening. Needs root and the test broker; it fails (never skips) without them.
+//! SIGKILL, the watchdog, no restart after a configuration error (exit 78), a configuration
+//! handed over with LoadCredential= and the units' hardening. Needs root and the test
+//! broker; it fails (never skips) without them.
 
 mod common;
 
