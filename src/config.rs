@@ -844,7 +844,7 @@ impl StageConfig {
                 })?,
             },
             commit_max_records: stage.commit_max_records.unwrap_or(500),
-            commit_interval: stage.commit_interval.unwrap_or(Duration::from_millis(100)),
+            commit_interval: stage.commit_interval.unwrap_or(Duration::from_millis(50)),
             max_in_flight: stage.max_in_flight.unwrap_or(1000),
             retry,
         };

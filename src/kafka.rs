@@ -84,6 +84,15 @@ pub fn stage_producer_config(common: &Common, transactional_id: Option<&str>) ->
             .set("transactional.id", id)
             .set("transaction.timeout.ms", "60000")
             .set("message.timeout.ms", "30000");
+        // The first record of a transaction is refused with CONCURRENT_TRANSACTIONS until
+        // the markers of the previous commit are written; librdkafka retries after
+        // retry.backoff.ms, and its default 100 ms made every batch wait that long.
+        // librdkafka backs off exponentially from here (retry.backoff.max.ms), so a broker
+        // that keeps refusing is not hammered.
+        config
+            .get("retry.backoff.ms")
+            .is_none()
+            .then(|| config.set("retry.backoff.ms", "10"));
     }
     config
         .get("linger.ms")
