@@ -253,6 +253,9 @@ pub struct StageConfig {
     pub commit_interval: Duration,
     /// Records being handled at once.
     pub max_in_flight: usize,
+    /// With input waiting and nothing committed for this long, the stage is not ready and
+    /// stops feeding the watchdog (systemd then restarts it).
+    pub stall_timeout: Duration,
     pub retry: RetryConfig,
 }
 
@@ -327,6 +330,8 @@ struct StageSection {
     #[serde(default, deserialize_with = "duration_opt")]
     commit_interval: Option<Duration>,
     max_in_flight: Option<usize>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    stall_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -846,6 +851,7 @@ impl StageConfig {
             commit_max_records: stage.commit_max_records.unwrap_or(500),
             commit_interval: stage.commit_interval.unwrap_or(Duration::from_millis(50)),
             max_in_flight: stage.max_in_flight.unwrap_or(1000),
+            stall_timeout: stage.stall_timeout.unwrap_or(Duration::from_secs(60)),
             retry,
         };
         if config.commit_max_records == 0 {
@@ -865,12 +871,24 @@ impl StageConfig {
         if config.max_in_flight == 0 {
             return Err(invalid(&origin, "stage.max_in_flight", "must be positive"));
         }
+        if config.stall_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                &origin,
+                "stage.stall_timeout",
+                "must be at least 1s",
+            ));
+        }
         Ok(config)
     }
 }
 
 impl RetryConfig {
     /// Delay before the next attempt, after `attempts_so_far` failed ones (≥ 1).
+    /// The longest a record ever waits for its next attempt.
+    pub fn longest_delay(&self) -> Duration {
+        self.delays.iter().copied().max().unwrap_or_default()
+    }
+
     pub fn delay_after(&self, attempts_so_far: u32) -> Duration {
         let index = (attempts_so_far.max(1) - 1) as usize;
         self.delays[index.min(self.delays.len() - 1)]

@@ -356,11 +356,10 @@ async fn run_stage(
         None => ExitCode::SUCCESS,
         Some(stage) => {
             health.set_ready(true);
-            let line = match &config.output {
-                Some(output) => format!("{} → {output} ({})", config.input, config.guarantee),
-                None => format!("{} → notifications ({})", config.input, config.guarantee),
-            };
-            notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+            notify(&[
+                NotifyState::Ready,
+                NotifyState::Status(&stage.running_line()),
+            ]);
             info!(input = %config.input, retry = %config.retry_topic, dlq = %config.dlq_topic, output = ?config.output, group = %config.group_id, "ready");
             match stage.run(shutdown.clone(), health.clone()).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,10 @@ pub const H_ORIGIN_OFFSET: &str = "x-origin-offset";
 pub const H_RETRY_AT: &str = "x-retry-at";
 pub const H_SERVICE: &str = "x-service";
 pub const H_TRACEPARENT: &str = "traceparent";
+/// On a dead letter that could not be written whole: what was cut, and why.
+pub const H_TRUNCATED: &str = "x-truncated";
+/// On a dead letter whose value was cut: the size of the original value in bytes.
+pub const H_ORIGINAL_SIZE: &str = "x-original-size";
 
 /// Headers kop itself writes when it routes a failure; they are replaced, never copied.
 pub const ROUTING_HEADERS: [&str; 7] = [

@@ -13,8 +13,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -35,6 +35,10 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub batch_failures: IntGauge,
+    pub producer_rebuilds: IntCounter,
+    pub dlq_truncated: IntCounter,
+    pub stalled: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 60 s: fast paths and retried records fit in one histogram.
@@ -59,8 +63,33 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
-        let inflight = IntGauge::new("inflight_handlers", "Records being handled right now")?;
-        registry.register(Box::new(inflight.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let single = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let inflight = gauge("inflight_handlers", "Records being handled right now")?;
+        let batch_failures = gauge(
+            "kop_batch_failures_consecutive",
+            "Batches aborted (or repairs failed) since the last commit",
+        )?;
+        let stalled = gauge(
+            "kop_stage_stalled",
+            "1 while input waits and nothing was committed for stage.stall_timeout",
+        )?;
+        let producer_rebuilds = single(
+            "kop_producer_rebuilds_total",
+            "Producers replaced after a fenced, fatal or hung transaction call",
+        )?;
+        let dlq_truncated = single(
+            "kop_dlq_truncated_total",
+            "Dead letters written cut, because the whole record could not be written",
+        )?;
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 "kafka_consumer_lag",
@@ -127,6 +156,10 @@ impl Metrics {
                 &["status"],
             )?,
             http_duration,
+            batch_failures,
+            producer_rebuilds,
+            dlq_truncated,
+            stalled,
             registry,
         };
         // Create the error series at zero, so that rates and alerts see it before the first error.

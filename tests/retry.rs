@@ -16,7 +16,10 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_retry_does_not_block_the_main_topic_and_waits_for_its_due_time() {
     let mut pipeline = Pipeline::new();
-    pipeline.start_all(&[]).await;
+    // A wait is capped at the longest configured delay: 10 s here, beyond the 6 s below.
+    pipeline
+        .start_all(&[("RETRY_DELAYS_MS", "1000,10000")])
+        .await;
 
     // A retried order due in 6 s, as kop-payment itself would have written it.
     let due = now_ms() + 6_000;

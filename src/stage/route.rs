@@ -1,0 +1,526 @@
+//! What becomes of one record: its downstream event, a retry record or a dead letter.
+//!
+//! Every record the broker accepted into a consumed topic ends in one of the three, whatever
+//! its size, bytes or headers. A dead letter that is too large to be written whole is
+//! written bounded (value, key or headers cut, and headers saying what was cut and why); and
+//! when the broker refuses a record's outcome outright, the record is dead-lettered with
+//! ever tighter bounds, so the partition always moves on.
+
+use std::time::Instant;
+
+use rdkafka::message::{Headers, OwnedHeaders};
+use tracing::{debug, warn};
+
+use super::{Handled, Handler, Inbound};
+use crate::config::{RetryConfig, StageConfig};
+use crate::kafka::{self, H_ORIGINAL_SIZE, H_TRACEPARENT, H_TRUNCATED};
+use crate::retry::{self, Destination, HandlerError, OriginCoordinates, RoutingState};
+
+/// Room left for librdkafka's own framing of a record (its size check counts it).
+const FRAMING_BYTES: usize = 512;
+/// A key or header set larger than this is cut or dropped when a dead letter must shrink.
+const SMALL_BYTES: usize = 1024;
+
+/// Which of the stage's topics a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Output,
+    Retry,
+    DeadLetter,
+}
+
+#[derive(Debug)]
+pub struct OutRecord {
+    pub target: Target,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: OwnedHeaders,
+}
+
+impl OutRecord {
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + headers_size(&self.headers)
+    }
+}
+
+/// What handling a record came to.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The record to produce; `None` when there is nothing to write (the last stage).
+    pub record: Option<OutRecord>,
+    /// The consumed record, kept while its outcome may have to be written again (a
+    /// refused record becomes a dead letter of it).
+    pub source: Option<Inbound>,
+    /// The dead letter was cut to fit.
+    pub truncated: bool,
+}
+
+impl Outcome {
+    #[cfg(test)]
+    pub fn nothing() -> Self {
+        Outcome {
+            record: None,
+            source: None,
+            truncated: false,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn target(&self) -> Option<Target> {
+        self.record.as_ref().map(|r| r.target)
+    }
+}
+
+/// The stage's topics and policies, as far as one record's fate needs them.
+pub struct Router {
+    output: Option<String>,
+    retry_topic: String,
+    dlq_topic: String,
+    retry: RetryConfig,
+    service: String,
+    /// The largest record the producer accepts (librdkafka's `message.max.bytes`).
+    max_record_bytes: usize,
+}
+
+impl Router {
+    pub fn new(config: &StageConfig) -> Self {
+        let max_record_bytes = config
+            .common
+            .kafka
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        Router {
+            output: config.output.clone(),
+            retry_topic: config.retry_topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            retry: config.retry.clone(),
+            service: config.common.service_name.clone(),
+            max_record_bytes,
+        }
+    }
+
+    pub fn topic(&self, target: Target) -> &str {
+        match target {
+            Target::Output => self.output.as_deref().unwrap_or(&self.dlq_topic),
+            Target::Retry => &self.retry_topic,
+            Target::DeadLetter => &self.dlq_topic,
+        }
+    }
+
+    /// Handles a record: the routing headers were read already (`routing`), a simulated
+    /// failure may be asked for, and the handler decides the rest. Returns the outcome and,
+    /// when the record was handled, when its order was accepted (for the end-to-end latency).
+    pub fn handle(
+        &self,
+        handler: &dyn Handler,
+        source: Inbound,
+        routing: Result<RoutingState, HandlerError>,
+        simulated_failure: bool,
+        now_ms: u64,
+        duration: &prometheus::Histogram,
+    ) -> (Outcome, Option<u64>) {
+        let started = Instant::now();
+        let result = match &routing {
+            Err(e) => Err(e.clone()),
+            Ok(_) if simulated_failure => Err(HandlerError::transient("simulated failure")),
+            Ok(_) => handler.handle(&source),
+        };
+        duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(handled) => {
+                debug!(
+                    order_id = %handled.order_id,
+                    topic = %source.topic,
+                    partition = source.partition,
+                    offset = source.offset,
+                    attempt = attempt_of(&routing),
+                    trace_id = trace_id(&source),
+                    "{} done", handler.stage()
+                );
+                let accepted = handled.accepted_at_ms;
+                (self.done(source, handled), Some(accepted))
+            }
+            Err(error) => (
+                self.failed(source, routing.as_ref().ok(), &error, now_ms),
+                None,
+            ),
+        }
+    }
+
+    fn done(&self, source: Inbound, handled: Handled) -> Outcome {
+        let record = match (&self.output, handled.output) {
+            (Some(_), Some(value)) => Some(OutRecord {
+                target: Target::Output,
+                headers: next_hop_headers(source.headers.as_ref()),
+                key: source.key.clone(),
+                value: Some(value),
+            }),
+            _ => None,
+        };
+        Outcome {
+            record,
+            source: Some(source),
+            truncated: false,
+        }
+    }
+
+    /// A failed record goes to the retry topic, or to the DLQ when it is out of attempts
+    /// or cannot get better.
+    fn failed(
+        &self,
+        source: Inbound,
+        routing: Option<&RoutingState>,
+        error: &HandlerError,
+        now_ms: u64,
+    ) -> Outcome {
+        let attempt = routing.map_or(1, |r| r.attempts.saturating_add(1));
+        let (target, retry_at) = match retry::next_hop(&self.retry, error.class, attempt, now_ms) {
+            Destination::Retry { due_ms } => (Target::Retry, Some(due_ms)),
+            Destination::DeadLetter => (Target::DeadLetter, None),
+        };
+        warn!(
+            order_id = %order_id(&source),
+            topic = %source.topic,
+            partition = source.partition,
+            offset = source.offset,
+            attempt,
+            trace_id = trace_id(&source),
+            error = %error.message,
+            to = self.topic(target),
+            "record failed"
+        );
+        self.routed(
+            source,
+            routing,
+            target,
+            attempt,
+            &error.message,
+            retry_at,
+            0,
+        )
+    }
+
+    /// The broker refused this record's outcome for good (`reason`), for the `level`th time:
+    /// it becomes a dead letter, cut further at each level.
+    pub fn refused(&self, source: Inbound, reason: &str, level: u8) -> Outcome {
+        let routing = retry::read_routing(source.headers.as_ref()).ok();
+        let attempt = routing.as_ref().map_or(1, |r| r.attempts.saturating_add(1));
+        warn!(
+            order_id = %order_id(&source),
+            topic = %source.topic,
+            partition = source.partition,
+            offset = source.offset,
+            attempt,
+            level,
+            error = reason,
+            to = %self.dlq_topic,
+            "the broker refused the record's outcome; dead-lettering it"
+        );
+        let message = format!("the broker refused the outcome: {reason}");
+        self.routed(
+            source,
+            routing.as_ref(),
+            Target::DeadLetter,
+            attempt,
+            &message,
+            None,
+            level,
+        )
+    }
+
+    /// The retry or dead-letter copy of `source`, with kop's routing headers; a dead letter
+    /// is cut to fit, more at each `level` (0: only when it cannot fit).
+    #[allow(clippy::too_many_arguments)]
+    fn routed(
+        &self,
+        source: Inbound,
+        routing: Option<&RoutingState>,
+        target: Target,
+        attempt: u32,
+        error: &str,
+        retry_at: Option<u64>,
+        level: u8,
+    ) -> Outcome {
+        let origin = routing
+            .and_then(|r| r.origin.clone())
+            .filter(|_| source.topic == self.retry_topic)
+            .unwrap_or_else(|| OriginCoordinates {
+                topic: source.topic.clone(),
+                partition: source.partition,
+                offset: source.offset,
+            });
+        let headers_of = |original: Option<&OwnedHeaders>, error: &str| {
+            retry::failure_headers(original, attempt, error, &origin, retry_at, &self.service)
+        };
+        let full = OutRecord {
+            target,
+            key: source.key.clone(),
+            value: source.payload.clone(),
+            headers: headers_of(source.headers.as_ref(), error),
+        };
+        let limit = self.max_record_bytes.saturating_sub(FRAMING_BYTES);
+        if level == 0 && full.size() <= limit {
+            return Outcome {
+                record: Some(full),
+                source: Some(source),
+                truncated: false,
+            };
+        }
+        // A retry record that cannot fit could never be handled either: it is dead.
+        let target = Target::DeadLetter;
+        let mut cuts = Vec::new();
+        let error_text = cut_text(error, SMALL_BYTES);
+        let original_headers = source.headers.as_ref().map_or(0, headers_size);
+        let keep_headers = level <= 1 && original_headers <= SMALL_BYTES.max(limit / 4);
+        if !keep_headers && original_headers > 0 {
+            cuts.push(format!(
+                "original headers ({original_headers} bytes) dropped"
+            ));
+        }
+        let mut key = source.key.clone();
+        if let Some(k) = &mut key
+            && (level >= 2 || k.len() > limit / 4)
+            && k.len() > SMALL_BYTES
+        {
+            cuts.push(format!("key cut to {SMALL_BYTES} of {} bytes", k.len()));
+            k.truncate(SMALL_BYTES);
+        }
+        let value_len = source.payload.as_ref().map_or(0, Vec::len);
+        let mut headers = headers_of(
+            source.headers.as_ref().filter(|_| keep_headers),
+            &error_text,
+        );
+        let room = limit
+            .saturating_sub(key.as_ref().map_or(0, Vec::len))
+            .saturating_sub(headers_size(&headers))
+            .saturating_sub(SMALL_BYTES); // the two headers added below
+        let budget = match level {
+            0 | 1 => room,
+            2 => room.min(SMALL_BYTES),
+            _ => 0,
+        };
+        let value = source.payload.as_ref().and_then(|v| {
+            if v.len() <= budget {
+                Some(v.clone())
+            } else {
+                cuts.push(format!("value cut to {budget} of {} bytes", v.len()));
+                (budget > 0).then(|| v[..budget].to_vec())
+            }
+        });
+        let why = if level == 0 {
+            format!(
+                "larger than the producer's message.max.bytes ({})",
+                self.max_record_bytes
+            )
+        } else {
+            error_text.clone()
+        };
+        headers = kafka::with_header(headers, H_TRUNCATED, &format!("{}: {why}", cuts.join("; ")));
+        headers = kafka::with_header(headers, H_ORIGINAL_SIZE, &value_len.to_string());
+        Outcome {
+            record: Some(OutRecord {
+                target,
+                key,
+                value,
+                headers,
+            }),
+            source: Some(source),
+            truncated: true,
+        }
+    }
+}
+
+fn attempt_of(routing: &Result<RoutingState, HandlerError>) -> u32 {
+    routing
+        .as_ref()
+        .map(|r| r.attempts.saturating_add(1))
+        .unwrap_or(1)
+}
+
+/// Serialized size of headers, as librdkafka counts them (near enough: varint lengths).
+fn headers_size(headers: &OwnedHeaders) -> usize {
+    headers
+        .iter()
+        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10)
+        .sum()
+}
+
+fn cut_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The order id of a record, for logs: the Kafka key is the order id.
+pub fn order_id(record: &Inbound) -> String {
+    record
+        .key
+        .as_deref()
+        .map(|k| cut_text(&String::from_utf8_lossy(k), 128))
+        .unwrap_or_default()
+}
+
+fn trace_id(record: &Inbound) -> &str {
+    record
+        .headers
+        .as_ref()
+        .and_then(|h| kafka::header_str(h, H_TRACEPARENT))
+        .and_then(Result::ok)
+        .and_then(crate::trace::trace_id)
+        .unwrap_or("")
+}
+
+/// The headers of the downstream event: the consumed ones without kop's routing headers,
+/// with the trace carried on to a new span.
+pub fn next_hop_headers(headers: Option<&OwnedHeaders>) -> OwnedHeaders {
+    let mut skip = kafka::ROUTING_HEADERS.to_vec();
+    skip.push(H_TRACEPARENT);
+    let copied = kafka::copy_headers_except(headers, &skip);
+    let parent = headers
+        .and_then(|h| kafka::header_str(h, H_TRACEPARENT))
+        .and_then(Result::ok);
+    let traceparent = parent
+        .and_then(crate::trace::next_hop)
+        .unwrap_or_else(crate::trace::new_traceparent);
+    kafka::with_header(copied, H_TRACEPARENT, &traceparent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Service, StageConfig};
+
+    fn router(max: &str) -> Router {
+        let env: std::collections::BTreeMap<&str, &str> = Default::default();
+        let mut config = StageConfig::load(Service::Payment, None, &env).unwrap();
+        config
+            .common
+            .kafka
+            .insert("message.max.bytes".into(), max.into());
+        Router::new(&config)
+    }
+
+    fn record(value_len: usize) -> Inbound {
+        Inbound {
+            topic: "orders.created".into(),
+            partition: 1,
+            offset: 7,
+            key: Some(b"o1".to_vec()),
+            payload: Some(vec![b'x'; value_len]),
+            headers: Some(kafka::with_header(OwnedHeaders::new(), "h", "v")),
+        }
+    }
+
+    fn header(record: &OutRecord, name: &str) -> Option<String> {
+        kafka::header_str(&record.headers, name).map(|v| v.unwrap().to_string())
+    }
+
+    #[test]
+    fn downstream_headers_carry_the_trace_and_drop_routing() {
+        let original = kafka::with_header(
+            kafka::with_header(OwnedHeaders::new(), "x-attempt", "2"),
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        let out = next_hop_headers(Some(&original));
+        assert!(kafka::header_str(&out, "x-attempt").is_none());
+        let tp = kafka::header_str(&out, "traceparent").unwrap().unwrap();
+        assert_eq!(
+            crate::trace::trace_id(tp),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_ne!(
+            tp,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_that_fits_is_whole() {
+        let router = router("1000000");
+        let error = HandlerError::permanent("undecodable");
+        let out = router.failed(record(1000), None, &error, 0);
+        let r = out.record.unwrap();
+        assert_eq!(r.target, Target::DeadLetter);
+        assert_eq!(r.value.as_ref().map(Vec::len), Some(1000));
+        assert_eq!(header(&r, "h").as_deref(), Some("v"));
+        assert_eq!(header(&r, H_TRUNCATED), None);
+        assert!(!out.truncated);
+    }
+
+    #[test]
+    fn a_dead_letter_too_large_for_the_producer_is_cut_to_fit() {
+        let router = router("100000");
+        let error = HandlerError::permanent("undecodable");
+        let out = router.failed(record(150_000), None, &error, 0);
+        assert!(out.truncated);
+        let r = out.record.unwrap();
+        assert!(r.size() <= 100_000 - FRAMING_BYTES, "{}", r.size());
+        assert!(r.value.as_ref().unwrap().len() > 90_000);
+        assert_eq!(header(&r, H_ORIGINAL_SIZE).as_deref(), Some("150000"));
+        let why = header(&r, H_TRUNCATED).unwrap();
+        assert!(why.contains("of 150000 bytes"), "{why}");
+        assert!(why.contains("message.max.bytes"), "{why}");
+        assert_eq!(header(&r, "x-error").as_deref(), Some("undecodable"));
+        assert_eq!(header(&r, "x-origin-offset").as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn a_retry_record_too_large_to_fit_is_dead() {
+        let router = router("100000");
+        let error = HandlerError::transient("gateway timeout");
+        let out = router.failed(record(150_000), None, &error, 0);
+        assert_eq!(out.target(), Some(Target::DeadLetter));
+    }
+
+    #[test]
+    fn each_refusal_cuts_further() {
+        let router = router("1000000");
+        let one = router.refused(record(5000), "MessageSizeTooLarge", 1);
+        let one = one.record.unwrap();
+        assert_eq!(one.value.as_ref().map(Vec::len), Some(5000));
+        assert!(header(&one, H_TRUNCATED).is_some());
+        let two = router
+            .refused(record(5000), "MessageSizeTooLarge", 2)
+            .record
+            .unwrap();
+        assert_eq!(two.value.as_ref().map(Vec::len), Some(SMALL_BYTES));
+        assert_eq!(header(&two, "h"), None, "original headers dropped");
+        let three = router
+            .refused(record(5000), "MessageSizeTooLarge", 3)
+            .record
+            .unwrap();
+        assert_eq!(three.value, None);
+        assert_eq!(header(&three, H_ORIGINAL_SIZE).as_deref(), Some("5000"));
+        assert!(
+            header(&three, "x-error")
+                .unwrap()
+                .contains("MessageSizeTooLarge")
+        );
+    }
+
+    #[test]
+    fn huge_keys_and_headers_are_cut_too() {
+        let router = router("100000");
+        let mut big = record(10);
+        big.key = Some(vec![b'k'; 80_000]);
+        big.headers = Some(kafka::with_header(
+            OwnedHeaders::new(),
+            "big",
+            &"h".repeat(80_000),
+        ));
+        let out = router.failed(big, None, &HandlerError::permanent("bad"), 0);
+        let r = out.record.unwrap();
+        assert!(r.size() <= 100_000 - FRAMING_BYTES, "{}", r.size());
+        assert_eq!(r.key.as_ref().map(Vec::len), Some(SMALL_BYTES));
+        assert_eq!(header(&r, "big"), None);
+    }
+}
