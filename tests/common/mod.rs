@@ -275,6 +275,42 @@ pub async fn post_order(port: u16, order_id: &str, amount: f64) -> (u16, String)
     (status, body)
 }
 
+/// Like [`post_order`], but a request that gets no HTTP answer (refused, reset) is an error
+/// instead of a panic: for load that goes on while the daemon behind the port is restarted.
+pub async fn try_post_order(
+    port: u16,
+    order_id: &str,
+    amount: f64,
+) -> Result<(u16, String), String> {
+    let body = serde_json::json!({ "orderId": order_id, "amount": amount }).to_string();
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}/order"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = client().request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The last `lines` lines of a file (a daemon's log), or a note that it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
 /// Topic names and ports of one isolated pipeline.
 pub struct Pipeline {
     pub prefix: String,
