@@ -351,6 +351,8 @@ impl Stage {
                     self.drain_input();
                 }
             }
+            // A rebalance may have run inside the consumer's poll above.
+            self.follow_rebalance();
             self.release();
             self.commit();
             if let Some(deadline) = drain_until {

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use rdkafka::message::{Headers, OwnedHeaders};
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 use super::{Handled, Handler, Inbound};
 use crate::config::{RetryConfig, StageConfig};
@@ -131,7 +131,7 @@ impl Router {
         duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(handled) => {
-                debug!(
+                info!(
                     order_id = %handled.order_id,
                     topic = %source.topic,
                     partition = source.partition,
