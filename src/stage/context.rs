@@ -140,8 +140,9 @@ pub struct Tag {
     pub pid: Pid,
     pub offset: i64,
     pub target: Target,
-    /// Which producer (and transaction series) sent it; reports of an older one are stale.
-    pub producer: u64,
+    /// Which transaction (or, at least once, which producer) sent it; reports of an
+    /// earlier one are stale.
+    pub batch: u64,
 }
 
 pub struct Delivery {

@@ -624,7 +624,7 @@ impl Stage {
         loop {
             let Some(record) = outcome.record.take() else {
                 // Nothing to write (the last stage): done as soon as its offset commits.
-                self.released(pid, offset, None, 0);
+                self.released(pid, offset, None, None);
                 return true;
             };
             let target = record.target;
@@ -645,7 +645,7 @@ impl Stage {
                         outcome.record = Some(OutRecord { headers, ..record });
                         outcome
                     });
-                    self.released(pid, offset, kept, size);
+                    self.released(pid, offset, kept, Some(size));
                     return true;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
@@ -685,8 +685,10 @@ impl Stage {
     }
 
     /// Records that an outcome left: into the transaction, or kept until acknowledged.
-    fn released(&mut self, pid: Pid, offset: i64, kept: Option<Outcome>, bytes: usize) {
-        self.txn.include(pid, offset + 1, bytes);
+    /// `sent`: the size of what was sent, if anything was.
+    fn released(&mut self, pid: Pid, offset: i64, kept: Option<Outcome>, sent: Option<usize>) {
+        self.txn
+            .include(pid, offset + 1, sent.unwrap_or(0), sent.is_some());
         if let Some(log) = self.logs.get_mut(&pid) {
             match kept {
                 Some(outcome) if !self.txn.is_transactional() => log.keep(offset, outcome),
@@ -717,7 +719,7 @@ impl Stage {
             pid,
             offset,
             target,
-            producer: self.txn.generation(),
+            batch: self.txn.batch(),
         });
         let mut base =
             BaseRecord::<[u8], [u8], Box<Tag>>::with_opaque_to(self.router.topic(target), tag)
@@ -752,17 +754,18 @@ impl Stage {
 
     fn on_delivery(&mut self, report: Delivery) {
         let tag = report.tag;
-        if tag.producer != self.txn.generation() {
-            return; // a replaced producer's: its transaction is gone
-        }
+        // A report of an aborted transaction, or of a replaced producer: it is read again.
+        let current = tag.batch == self.txn.batch();
         let error = match report.result {
-            Ok(()) => {
+            Ok(()) if current => {
                 self.counters.produced(tag.target).inc();
+                self.txn.delivered();
                 if let Some(log) = self.logs.get_mut(&tag.pid) {
                     log.ack(tag.offset);
                 }
                 return;
             }
+            Ok(()) => return,
             Err(e) => e,
         };
         let (topic, partition) = self.names.name(tag.pid);
@@ -786,6 +789,9 @@ impl Stage {
         } else {
             0
         };
+        if !current {
+            return;
+        }
         if self.txn.is_transactional() {
             // The transaction cannot commit now; it is aborted and its records read again,
             // the refused one turned into a dead letter.

@@ -60,6 +60,10 @@ pub enum State {
         opened: Instant,
         records: usize,
         bytes: usize,
+        /// Records sent and not yet acknowledged. The commit waits for them: librdkafka's
+        /// commit would flush them itself, but rdkafka's producer serves delivery reports
+        /// in 100 ms polls, which every commit would then wait out.
+        unacked: usize,
         offsets: HashMap<Pid, i64>,
         /// A record of this transaction failed: it can only be aborted.
         doomed: Option<String>,
@@ -74,8 +78,9 @@ type Call = Pin<Box<dyn Future<Output = CallDone> + Send + Sync>>;
 
 pub struct Txn {
     producer: Arc<Producer>,
-    /// Bumped with every new producer; delivery reports carry it.
-    generation: u64,
+    /// Bumped with every transaction and every new producer; delivery reports carry it, so
+    /// a late report of an aborted transaction is not taken for one of the next.
+    batch: u64,
     config: ClientConfig,
     reports: mpsc::UnboundedSender<Delivery>,
     transactional: bool,
@@ -108,7 +113,7 @@ impl Txn {
         let producer = build(&config, reports.clone(), transactional)?;
         Ok(Txn {
             producer: Arc::new(producer),
-            generation: 0,
+            batch: 0,
             config,
             reports,
             transactional,
@@ -122,8 +127,8 @@ impl Txn {
         &self.producer
     }
 
-    pub fn generation(&self) -> u64 {
-        self.generation
+    pub fn batch(&self) -> u64 {
+        self.batch
     }
 
     pub fn state(&self) -> &State {
@@ -147,10 +152,12 @@ impl Txn {
     pub fn begin(&mut self) -> Result<(), KafkaError> {
         if self.transactional && matches!(self.state, State::Idle) {
             self.producer.begin_transaction()?;
+            self.batch += 1;
             self.state = State::Open {
                 opened: Instant::now(),
                 records: 0,
                 bytes: 0,
+                unacked: 0,
                 offsets: HashMap::new(),
                 doomed: None,
             };
@@ -158,18 +165,28 @@ impl Txn {
         Ok(())
     }
 
-    /// Counts a record into the open transaction: its offset is committed with it.
-    pub fn include(&mut self, pid: Pid, next_offset: i64, bytes: usize) {
+    /// Counts a record into the open transaction: its offset is committed with it, once
+    /// what it `sent` is acknowledged.
+    pub fn include(&mut self, pid: Pid, next_offset: i64, bytes: usize, sent: bool) {
         if let State::Open {
             records,
             bytes: total,
+            unacked,
             offsets,
             ..
         } = &mut self.state
         {
             *records += 1;
             *total += bytes;
+            *unacked += usize::from(sent);
             offsets.insert(pid, next_offset);
+        }
+    }
+
+    /// A record of the open transaction was acknowledged.
+    pub fn delivered(&mut self) {
+        if let State::Open { unacked, .. } = &mut self.state {
+            *unacked = unacked.saturating_sub(1);
         }
     }
 
@@ -282,7 +299,7 @@ impl Txn {
     pub fn replace(&mut self, producer: Producer) {
         let old = std::mem::replace(&mut self.producer, Arc::new(producer));
         tokio::task::spawn_blocking(move || drop(old));
-        self.generation += 1;
+        self.batch += 1;
         self.rebuild_failures = 0;
         self.state = State::Idle;
     }
@@ -314,6 +331,7 @@ impl Txn {
                 opened,
                 records,
                 bytes,
+                unacked: 0,
                 offsets,
                 doomed: None,
             } => {
