@@ -6,13 +6,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use futures_util::StreamExt;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -21,7 +20,10 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 use crate::config::{
     self, ConfigError, LogConfig, LogFormat, OrderConfig, ProcessEnv, Service, StageConfig,
 };
-use crate::metrics::{Health, Metrics};
+use crate::lifecycle::{
+    Health, Shutdown, ShutdownTrigger, Watchdog, notify, shutdown_channel, status,
+};
+use crate::metrics::Metrics;
 use crate::stage::{Handler, Stage};
 
 /// Exit status for a failure at run time (Kafka fatal error, port in use); systemd restarts.
@@ -36,79 +38,6 @@ struct Args {
     /// Load and validate the configuration, print the result, and exit (0 valid, 78 not).
     #[arg(long)]
     check_config: bool,
-}
-
-/// A shutdown signal shared by every task: each holds a `Shutdown` and returns once it fires.
-#[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-pub struct ShutdownTrigger(watch::Sender<bool>);
-
-pub fn shutdown_channel() -> (ShutdownTrigger, Shutdown) {
-    let (tx, rx) = watch::channel(false);
-    (ShutdownTrigger(tx), Shutdown(rx))
-}
-
-impl ShutdownTrigger {
-    pub fn trigger(&self) {
-        self.0.send_replace(true);
-    }
-}
-
-impl Shutdown {
-    /// Resolves once shutdown has been triggered (at once if it already was).
-    pub async fn wait(&mut self) {
-        // An error means every trigger is gone, which only happens at exit: treat as fired.
-        let _ = self.0.wait_for(|fired| *fired).await;
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
-    }
-}
-
-/// Sends `WATCHDOG=1` while the loop that owns it keeps calling [`Watchdog::ping`].
-pub struct Watchdog {
-    interval: Option<Duration>,
-    last: Instant,
-}
-
-impl Watchdog {
-    /// Enabled when the service manager set `WATCHDOG_USEC` for this process.
-    pub fn from_env() -> Self {
-        Watchdog {
-            interval: sd_notify::watchdog_enabled().map(|timeout| timeout / 4),
-            last: Instant::now(),
-        }
-    }
-
-    /// How often the owner should call [`Watchdog::ping`] at the least.
-    pub fn tick(&self) -> Duration {
-        self.interval
-            .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_millis(10))
-    }
-
-    pub fn ping(&mut self) {
-        // Half the interval: a tick that fires a little early still pings.
-        if let Some(interval) = self.interval
-            && self.last.elapsed() >= interval / 2
-        {
-            self.last = Instant::now();
-            notify(&[NotifyState::Watchdog]);
-        }
-    }
-}
-
-/// Tells the service manager; without `NOTIFY_SOCKET` this does nothing.
-pub fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, "sd_notify failed");
-    }
-}
-
-pub fn status(line: &str) {
-    notify(&[NotifyState::Status(line)]);
 }
 
 /// Changes the log filter at run time (SIGHUP).
@@ -383,7 +312,7 @@ async fn start_metrics(
         .inspect_err(|e| error!(error = %e, "cannot register metrics"))
         .ok()?;
     let health = Arc::new(Health::default());
-    let listener = crate::metrics::bind(listen)
+    let listener = crate::serve::bind(listen)
         .await
         .inspect_err(|e| error!(%listen, error = %e, "cannot listen for metrics"))
         .ok()?;
@@ -454,7 +383,7 @@ async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
     .await;
     let code = match api {
         None => ExitCode::SUCCESS,
-        Some(api) => match crate::http::bind(config.listen).await {
+        Some(api) => match crate::serve::bind(config.listen).await {
             Err(e) => {
                 error!(listen = %config.listen, error = %e, "cannot listen for the API");
                 ExitCode::from(EX_FAILURE)

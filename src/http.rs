@@ -1,4 +1,4 @@
-//! The order API (`POST /order`) and the HTTP plumbing shared with the metrics server.
+//! The order API (`POST /order`).
 //!
 //! A request is answered `202` only after the broker acknowledged the record, so an
 //! accepted order is never lost. Every refusal is JSON `{error, field?}` with a status that
@@ -6,9 +6,6 @@
 //! `Retry-After`, when Kafka cannot take the record in time). Memory stays bounded: bodies
 //! are capped and the producer's queue is finite; a full queue answers 503 at once.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,8 +14,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::{Value, json};
@@ -26,61 +21,10 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::OrderConfig;
-use crate::daemon::Shutdown;
 use crate::event::{Order, OrderCreated, now_ms};
 use crate::kafka::{self, H_TRACEPARENT};
+use crate::lifecycle::Shutdown;
 use crate::metrics::Metrics;
-
-/// How long in-flight requests may take to finish after shutdown was asked.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Accepts HTTP/1 connections until shutdown, then lets the open ones finish (bounded).
-pub async fn serve_connections<F, Fut>(listener: TcpListener, mut shutdown: Shutdown, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // Bounds the time a slow client may take to send its headers.
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => break,
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = hyper::service::service_fn(handler.clone());
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("some connections were still open after {DRAIN_TIMEOUT:?}");
-    }
-}
 
 pub struct OrderApi {
     producer: FutureProducer,
@@ -230,7 +174,7 @@ impl OrderApi {
     /// Serves the API until shutdown, then flushes what the producer still holds.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
         let api = self.clone();
-        serve_connections(listener, shutdown, move |req| {
+        crate::serve::serve_connections(listener, shutdown, move |req| {
             let api = api.clone();
             async move { Ok(api.handle(req).await) }
         })

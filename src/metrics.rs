@@ -4,9 +4,7 @@
 //! names of the Node.js original are kept so its dashboards keep working.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,7 +16,7 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
-use crate::daemon::Shutdown;
+use crate::lifecycle::{Health, Shutdown};
 
 /// All series of a daemon. Each daemon uses the ones that apply to it.
 pub struct Metrics {
@@ -175,22 +173,6 @@ impl Metrics {
     }
 }
 
-/// Readiness of the daemon, shown by `/readyz`.
-#[derive(Default)]
-pub struct Health {
-    ready: AtomicBool,
-}
-
-impl Health {
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-}
-
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
@@ -224,11 +206,6 @@ async fn route(
     })
 }
 
-/// Binds the metrics address; a separate step so a busy port fails the start early.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 /// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -236,7 +213,7 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: Shutdown,
 ) {
-    crate::http::serve_connections(listener, shutdown, move |req| {
+    crate::serve::serve_connections(listener, shutdown, move |req| {
         route(req, metrics.clone(), health.clone())
     })
     .await;

@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use kop::config::{Service, StageConfig};
-use kop::daemon::{ShutdownTrigger, shutdown_channel};
-use kop::metrics::{Health, Metrics};
+use kop::lifecycle::{Health, ShutdownTrigger, shutdown_channel};
+use kop::metrics::Metrics;
 use kop::stage::{Stage, StageError};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -48,10 +48,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Guarantee, SimulateConfig, StageConfig};
-use crate::daemon::{Shutdown, Watchdog, status};
 use crate::event::now_ms;
 use crate::kafka;
-use crate::metrics::{Health, Metrics};
+use crate::lifecycle::{Health, Shutdown, Watchdog, status};
+use crate::metrics::Metrics;
 use crate::retry::{self, HandlerError, RoutingState};
 
 use context::{Delivery, StageContext, Tag};
