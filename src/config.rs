@@ -508,6 +508,35 @@ where
     }
 }
 
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A log filter as tracing reads it (`info`, `warn,kop=debug`, ...), where every level is a
+/// level. tracing takes a bare word for a target, so `warning` would be a valid filter that
+/// shows nothing at all, errors included: refused here, with the level meant.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // `target[span{field=value}]=level`: the level follows the last `=` after any `]`.
+        let tail = directive.rsplit(']').next().unwrap_or(directive);
+        let level = tail.rsplit('=').next().unwrap_or(tail).trim();
+        let known = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level))
+            || matches!(level, "0" | "1" | "2" | "3" | "4" | "5");
+        if !known {
+            let meant = match level.to_ascii_lowercase().as_str() {
+                "warning" => "; did you mean `warn`?",
+                "verbose" | "all" => "; did you mean `debug` or `trace`?",
+                "fatal" | "critical" | "err" => "; did you mean `error`?",
+                "none" | "quiet" | "silent" => "; did you mean `off`?",
+                _ => "",
+            };
+            return Err(format!(
+                "`{level}` is not a level (trace, debug, info, warn, error, off){meant}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(origin: &Origin, key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         origin: origin.clone(),
@@ -598,13 +627,18 @@ fn common(
             })?,
         },
     };
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
-        return Err(invalid(
-            &origin,
-            "log.level",
-            format!("`{}`: {e}", log.level),
-        ));
-    }
+    // Blame the level on where it came from.
+    let (level_origin, level_key) = match env.get("LOG_LEVEL") {
+        Some(_) => (Origin::Env("LOG_LEVEL"), "LOG_LEVEL"),
+        None => (origin.clone(), "log.level"),
+    };
+    check_log_filter(&log.level).map_err(|reason| {
+        invalid(
+            &level_origin,
+            level_key,
+            format!("`{}`: {reason}", log.level),
+        )
+    })?;
 
     let common = Common {
         service_name: env
@@ -1010,6 +1044,30 @@ mod tests {
         StageConfig::load(Service::Payment, Some(&path), &env(e))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn a_log_level_must_be_a_level() {
+        for good in [
+            "info",
+            "WARN",
+            "info,kop=debug",
+            "kop::stage=trace,warn",
+            "off",
+            "3",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        let msg = error_of("", &[("LOG_LEVEL", "warning")]);
+        assert!(msg.contains("LOG_LEVEL"), "{msg}");
+        assert!(!msg.contains("kop.toml"), "blames the file: {msg}");
+        assert!(msg.contains("did you mean `warn`"), "{msg}");
+        let msg = error_of("[log]\nlevel = \"verbose\"\n", &[]);
+        assert!(
+            msg.contains("kop.toml") && msg.contains("log.level"),
+            "{msg}"
+        );
+        assert!(msg.contains("`verbose` is not a level"), "{msg}");
     }
 
     #[test]
