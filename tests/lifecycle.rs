@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -79,26 +79,13 @@ async fn try_post(
     id: &str,
     amount: f64,
 ) -> Result<(u16, String), String> {
-    let body = serde_json::json!({ "orderId": id, "amount": amount }).to_string();
-    let request = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://127.0.0.1:{port}/order"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+    let request = order_request(port, id, amount)?;
     let exchange = async {
         let response = client
             .request(request)
             .await
             .map_err(|e| format!("{e:?}"))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        read_answer(response).await
     };
     tokio::time::timeout(Duration::from_secs(30), exchange)
         .await

@@ -222,6 +222,16 @@ impl Harness {
             .collect()
     }
 
+    /// Sends `n` orders and waits until every one is paid.
+    async fn pay_all(&self, prefix: &str, n: usize) {
+        let orders = ids(prefix, n);
+        for id in &orders {
+            self.order(id);
+        }
+        self.wait_paid(&refs(&orders), Duration::from_secs(30))
+            .await;
+    }
+
     /// Sends orders and waits until the stage has consumed them (it holds them while their
     /// handling takes its simulated time).
     async fn send_and_hold(&self, ids: &[String]) {
@@ -312,11 +322,7 @@ async fn a_commit_that_fails_is_aborted_and_read_again() {
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN],
     );
-    let orders = ids("abortable", 20);
-    for id in &orders {
-        h.order(id);
-    }
-    h.wait_paid(&refs(&orders), Duration::from_secs(30)).await;
+    h.pay_all("abortable", 20).await;
     assert!(
         h.aborts() >= 1.0,
         "no commit failed: the test proves nothing"
@@ -337,11 +343,7 @@ async fn a_fenced_producer_is_replaced_without_exiting() {
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
     );
-    let orders = ids("fenced", 20);
-    for id in &orders {
-        h.order(id);
-    }
-    h.wait_paid(&refs(&orders), Duration::from_secs(30)).await;
+    h.pay_all("fenced", 20).await;
     assert!(h.rebuilds() >= 1.0, "the producer was never replaced");
     h.stop().await;
 }
@@ -358,11 +360,7 @@ async fn an_abort_that_fails_is_repaired_with_a_new_producer() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
         ],
     );
-    let orders = ids("abort-fails", 20);
-    for id in &orders {
-        h.order(id);
-    }
-    h.wait_paid(&refs(&orders), Duration::from_secs(30)).await;
+    h.pay_all("abort-fails", 20).await;
     assert!(h.rebuilds() >= 1.0, "the producer was never replaced");
     h.stop().await;
 }
@@ -385,11 +383,7 @@ async fn errors_on_every_transaction_request_are_recovered() {
                 RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
             ],
         );
-        let orders = ids(&format!("{key:?}"), 5);
-        for id in &orders {
-            h.order(id);
-        }
-        h.wait_paid(&refs(&orders), Duration::from_secs(30)).await;
+        h.pay_all(&format!("{key:?}"), 5).await;
     }
     h.stop().await;
 }

@@ -181,17 +181,7 @@ impl Router {
             Destination::Retry { due_ms } => (Target::Retry, Some(due_ms)),
             Destination::DeadLetter => (Target::DeadLetter, None),
         };
-        warn!(
-            order_id = %order_id(&source),
-            topic = %source.topic,
-            partition = source.partition,
-            offset = source.offset,
-            attempt,
-            trace_id = trace_id(&source),
-            error = %error.message,
-            to = self.topic(target),
-            "record failed"
-        );
+        log_failure(&source, attempt, &error.message, self.topic(target), 0);
         self.routed(
             source,
             routing,
@@ -208,17 +198,7 @@ impl Router {
     pub fn refused(&self, source: Inbound, reason: &str, level: u8) -> Outcome {
         let routing = retry::read_routing(source.headers.as_ref()).ok();
         let attempt = routing.as_ref().map_or(1, |r| r.attempts.saturating_add(1));
-        warn!(
-            order_id = %order_id(&source),
-            topic = %source.topic,
-            partition = source.partition,
-            offset = source.offset,
-            attempt,
-            level,
-            error = reason,
-            to = %self.dlq_topic,
-            "the broker refused the record's outcome; dead-lettering it"
-        );
+        log_failure(&source, attempt, reason, &self.dlq_topic, level);
         let message = format!("the broker refused the outcome: {reason}");
         self.routed(
             source,
@@ -331,6 +311,24 @@ impl Router {
             truncated: true,
         }
     }
+}
+
+/// One line per failed record, with the fields `journalctl ORDER_ID=…` finds it by;
+/// `refusals` counts how often the broker refused the record's outcome (0: the handler
+/// failed it).
+fn log_failure(source: &Inbound, attempt: u32, error: &str, to: &str, refusals: u8) {
+    warn!(
+        order_id = %order_id(source),
+        topic = %source.topic,
+        partition = source.partition,
+        offset = source.offset,
+        attempt,
+        trace_id = trace_id(source),
+        error,
+        to,
+        refusals,
+        "record failed"
+    );
 }
 
 fn attempt_of(routing: &Result<RoutingState, HandlerError>) -> u32 {

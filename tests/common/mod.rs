@@ -213,12 +213,10 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let uri = format!("http://127.0.0.1:{port}{path}");
-    let response = client()
-        .get(uri.parse().map_err(|e| format!("{e}"))?)
-        .await
-        .map_err(|e| e.to_string())?;
+/// The status and the body (as text) of an HTTP answer.
+pub async fn read_answer(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<(u16, String), String> {
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -227,6 +225,15 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let uri = format!("http://127.0.0.1:{port}{path}");
+    let response = client()
+        .get(uri.parse().map_err(|e| format!("{e}"))?)
+        .await
+        .map_err(|e| e.to_string())?;
+    read_answer(response).await
 }
 
 /// Sends a request and returns status, headers and body.
@@ -275,6 +282,21 @@ pub async fn post_order(port: u16, order_id: &str, amount: f64) -> (u16, String)
     (status, body)
 }
 
+/// `POST /order` with a minimal valid order.
+pub fn order_request(
+    port: u16,
+    order_id: &str,
+    amount: f64,
+) -> Result<hyper::Request<Full<Bytes>>, String> {
+    let body = serde_json::json!({ "orderId": order_id, "amount": amount }).to_string();
+    hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}/order"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())
+}
+
 /// Like [`post_order`], but a request that gets no HTTP answer (refused, reset) is an error
 /// instead of a panic: for load that goes on while the daemon behind the port is restarted.
 pub async fn try_post_order(
@@ -282,22 +304,11 @@ pub async fn try_post_order(
     order_id: &str,
     amount: f64,
 ) -> Result<(u16, String), String> {
-    let body = serde_json::json!({ "orderId": order_id, "amount": amount }).to_string();
-    let request = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://127.0.0.1:{port}/order"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = client().request(request).await.map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
+    let response = client()
+        .request(order_request(port, order_id, amount)?)
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        .map_err(|e| e.to_string())?;
+    read_answer(response).await
 }
 
 /// The last `lines` lines of a file (a daemon's log), or a note that it cannot be read.
