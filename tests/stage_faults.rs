@@ -20,7 +20,7 @@ use kop::stage::{Stage, StageError};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::mocking::MockCluster;
+use rdkafka::mocking::{MockCluster, MockCoordinator};
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -37,6 +37,7 @@ struct Harness {
     producer: BaseProducer,
     bootstrap: String,
     group: String,
+    transactional_id: String,
     // Declared last: dropped after every client of it.
     cluster: MockCluster<'static, DefaultProducerContext>,
 }
@@ -55,6 +56,17 @@ fn unique(name: &str) -> String {
 /// TOML sections (e.g. `[simulate]`), `kafka` more librdkafka properties, `history` orders
 /// written before the stage starts.
 async fn start(guarantee: &str, extra: &str, kafka: &[(&str, &str)], history: &[&str]) -> Harness {
+    start_on(1, guarantee, extra, kafka, history).await
+}
+
+/// [`start`] on a mock cluster of `brokers` brokers.
+async fn start_on(
+    brokers: i32,
+    guarantee: &str,
+    extra: &str,
+    kafka: &[(&str, &str)],
+    history: &[&str],
+) -> Harness {
     // KOP_TEST_LOG=debug shows the stage's log. (The mock's groups need a session timeout
     // of 3 s or more: with 2 s its first JoinGroup is never answered.)
     if let Ok(filter) = std::env::var("KOP_TEST_LOG") {
@@ -63,7 +75,7 @@ async fn start(guarantee: &str, extra: &str, kafka: &[(&str, &str)], history: &[
             .with_test_writer()
             .try_init();
     }
-    let cluster = MockCluster::new(1).expect("mock cluster");
+    let cluster = MockCluster::new(brokers).expect("mock cluster");
     for topic in [IN, OUT, RETRY, DLQ] {
         cluster.create_topic(topic, 2, 1).expect("topic");
     }
@@ -80,6 +92,9 @@ async fn start(guarantee: &str, extra: &str, kafka: &[(&str, &str)], history: &[
     }
     producer.flush(Duration::from_secs(10)).expect("flush");
     let group = unique("group");
+    let name = unique("pay");
+    // As the stage builds it: kop-<service name>-<instance id>.
+    let transactional_id = format!("kop-{name}-0");
     let mut kafka_lines = String::new();
     for (k, v) in kafka {
         kafka_lines.push_str(&format!("\"{k}\" = \"{v}\"\n"));
@@ -109,7 +124,6 @@ max_attempts = 3
 delays = ["1s"]
 {extra}
 "#,
-        name = unique("pay"),
     );
     let path = std::env::temp_dir().join(format!("{}.toml", unique("kop-stage-faults")));
     std::fs::write(&path, toml).expect("config");
@@ -139,6 +153,7 @@ delays = ["1s"]
         producer,
         bootstrap,
         group,
+        transactional_id,
         cluster,
     };
     // The group's first assignment takes the mock's initial rebalance delay (3 s): an order
@@ -293,6 +308,11 @@ impl Harness {
     /// Stops the stage as SIGTERM would; it must end well.
     async fn stop(self) {
         assert!(!self.stage.is_finished(), "the stage ended on its own");
+        // Everything it was given is done: it must say it is ready.
+        self.wait_until("ready at the end", Duration::from_secs(5), |h| {
+            h.health.is_ready()
+        })
+        .await;
         self.trigger.trigger();
         let result = tokio::time::timeout(Duration::from_secs(30), self.stage)
             .await
@@ -384,6 +404,26 @@ async fn errors_on_every_transaction_request_are_recovered() {
             ],
         );
         h.pay_all(&format!("{key:?}"), 5).await;
+    }
+    h.stop().await;
+}
+
+/// The transaction and group coordinators move to other brokers, twice, mid-stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinators_that_move_are_followed() {
+    let h = start_on(3, "exactly-once", "", &[], &[]).await;
+    h.pay_all("before-the-move", 5).await;
+    for broker in [2, 3] {
+        h.cluster
+            .coordinator(
+                MockCoordinator::Transaction(h.transactional_id.clone()),
+                broker,
+            )
+            .expect("move the transaction coordinator");
+        h.cluster
+            .coordinator(MockCoordinator::Group(h.group.clone()), broker)
+            .expect("move the group coordinator");
+        h.pay_all(&format!("moved-to-{broker}"), 10).await;
     }
     h.stop().await;
 }
