@@ -95,6 +95,13 @@ async fn start_on(
     let name = unique("pay");
     // As the stage builds it: kop-<service name>-<instance id>.
     let transactional_id = format!("kop-{name}-0");
+    // A retry waits 1 s, and never longer (x-retry-at is capped at the longest delay),
+    // unless `extra` has a [retry] section of its own.
+    let retry = if extra.contains("[retry]") {
+        ""
+    } else {
+        "[retry]\nmax_attempts = 3\ndelays = [\"1s\"]\n"
+    };
     let mut kafka_lines = String::new();
     for (k, v) in kafka {
         kafka_lines.push_str(&format!("\"{k}\" = \"{v}\"\n"));
@@ -119,9 +126,7 @@ dlq_topic = "{DLQ}"
 group_id = "{group}"
 processing_guarantee = "{guarantee}"
 stall_timeout = "2s"
-[retry]
-max_attempts = 3
-delays = ["1s"]
+{retry}
 {extra}
 "#,
     );
@@ -490,8 +495,15 @@ async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
 /// keeps the pause across the revocation and re-assignment, so the stage must lift it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_held_across_a_rebalance_is_still_handled() {
-    let h = start("exactly-once", "", &[], &[]).await;
-    let due = kop::event::now_ms() + 4_000;
+    // Retries may wait up to 30 s: the record below is held for 10 s.
+    let h = start(
+        "exactly-once",
+        "[retry]\ndelays = [\"1s\", \"30s\"]\n",
+        &[],
+        &[],
+    )
+    .await;
+    let due = kop::event::now_ms() + 10_000;
     h.produce(
         RETRY,
         "held",
@@ -513,21 +525,29 @@ async fn a_retry_held_across_a_rebalance_is_still_handled() {
         .create()
         .expect("member");
     member.subscribe(&[IN, RETRY]).expect("subscribe");
+    // The rebalance takes about a session timeout (3 s) on the mock; a busy machine may
+    // take longer, so the member polls until it has partitions.
     let joined = Instant::now();
-    while joined.elapsed() < Duration::from_secs(4) {
+    let has_partitions = |m: &BaseConsumer| m.assignment().map(|a| a.count() > 0).unwrap_or(false);
+    while !has_partitions(&member) && joined.elapsed() < Duration::from_secs(30) {
         let _ = member.poll(Duration::from_millis(50));
         tokio::task::yield_now().await;
     }
     assert!(
-        !member
-            .assignment()
-            .expect("assignment")
-            .elements()
-            .is_empty(),
-        "the second member got no partition: no rebalance happened"
+        has_partitions(&member),
+        "the second member got no partition in 30 s: no rebalance happened"
     );
+    assert!(
+        !h.keys(OUT).contains("held"),
+        "the retry was handled before the rebalance: the test proves nothing"
+    );
+    // Consumed a little while holding them, as a member does.
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_millis(500) {
+        let _ = member.poll(Duration::from_millis(50));
+    }
     drop(member);
-    h.wait_paid(&["held"], Duration::from_secs(20)).await;
+    h.wait_paid(&["held"], Duration::from_secs(40)).await;
     h.stop().await;
 }
 
@@ -579,16 +599,18 @@ async fn a_far_future_retry_time_waits_only_the_longest_delay() {
 }
 
 /// The broker refuses one record's output at delivery: that record alone becomes a dead
-/// letter; the transaction holding it is aborted and the rest goes through.
+/// letter; the transaction holding it is aborted and the rest goes through. Exactly-once
+/// first sends the record once more alone (the refusal may have been its batch's), so it
+/// takes a second refusal.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
-    for guarantee in ["exactly-once", "at-least-once"] {
+    for (guarantee, refusals) in [("exactly-once", 2), ("at-least-once", 1)] {
         let h = start(guarantee, DELAY_1S, &[], &[]).await;
         // Injected once the stage holds the order: the error is the stage's, not ours.
         h.send_and_hold(&["refused".to_string()]).await;
         h.cluster.request_errors(
             RDKafkaApiKey::Produce,
-            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+            &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; refusals],
         );
         h.wait_until(
             &format!("{guarantee}: the refused order is dead-lettered"),
@@ -611,6 +633,27 @@ async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
         assert!(!h.keys(DLQ).iter().any(|k| k.starts_with("after-")));
         h.stop().await;
     }
+}
+
+/// Exactly-once: a record refused once is sent again alone, and paid when the broker takes
+/// it then (the first refusal was its batch's, not its own).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_refused_once_is_sent_alone_and_paid() {
+    let h = start("exactly-once", DELAY_1S, &[], &[]).await;
+    h.send_and_hold(&["refused-once".to_string()]).await;
+    h.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    h.wait_paid(&["refused-once"], Duration::from_secs(30))
+        .await;
+    assert!(
+        h.aborts() >= 1.0,
+        "nothing was refused: the test proves nothing"
+    );
+    assert!(!h.keys(DLQ).contains("refused-once"), "dead-lettered");
+    h.pay_all("after-refusal", 10).await;
+    h.stop().await;
 }
 
 fn header(message: &OwnedMessage, name: &str) -> String {

@@ -67,8 +67,9 @@ const MAX_PENDING_BYTES: usize = 64 << 20;
 /// How long a stop may take to finish and commit the work in progress; inside the units'
 /// `TimeoutStopSec`.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
-/// A record refused this many times is written as a dead letter without its value.
-const MAX_REFUSALS: u8 = 3;
+/// Refusals of one record's outcome that are told apart: exactly-once sends the record once
+/// more alone, then as a dead letter whole, cut to 1 KiB, and without its value.
+const MAX_REFUSALS: u8 = 4;
 
 /// A consumed record, detached from the consumer.
 #[derive(Debug, Clone)]
@@ -142,6 +143,8 @@ struct Work {
     /// The generation of its partition log when it was read; stale after a rewind.
     generation: u64,
     key: KeyHash,
+    /// Its outcome goes alone into a transaction (see [`Outcome::solo`]).
+    solo: bool,
 }
 
 type Handling = FuturesUnordered<Pin<Box<dyn Future<Output = Work> + Send + Sync>>>;
@@ -451,14 +454,30 @@ impl Stage {
             }
         }
         let log_generation = log.generation();
-        log.push(record.offset, record.size());
-        if let Some((refusals, reason)) = self.refused.get(&(pid, record.offset)) {
-            let outcome = self.router.refused(record.clone(), reason, *refusals);
-            log.finish(record.offset, outcome);
+        let offset = record.offset;
+        log.push(offset, record.size());
+        // The broker refused this record's outcome before. Exactly-once handles it once more
+        // in a transaction of its own (a refused batch takes innocent records along), then
+        // dead-letters it, cut further at each refusal; at-least-once, which cannot send a
+        // record alone, dead-letters it at once.
+        let transactional = self.txn.is_transactional();
+        let refused = self.refused.get(&(pid, offset));
+        if let Some((refusals, reason)) = refused
+            && (!transactional || *refusals >= 2)
+        {
+            let level = if transactional {
+                refusals - 1
+            } else {
+                *refusals
+            };
+            let mut outcome = self.router.refused(record, reason, level);
+            outcome.solo = transactional;
+            log.finish(offset, outcome);
             return;
         }
         let work = Work {
             key: KeyHash::of(record.key.as_deref(), pid),
+            solo: refused.is_some(),
             record,
             routing,
             pid,
@@ -559,7 +578,7 @@ impl Stage {
         let failure_rate = self.simulate.read().map(|s| s.failure_rate).unwrap_or(0.0);
         let simulated_failure = failure_rate > 0.0 && rand::random_bool(failure_rate.min(1.0));
         let offset = work.record.offset;
-        let (outcome, accepted_at) = self.router.handle(
+        let (mut outcome, accepted_at) = self.router.handle(
             self.handler.as_ref(),
             work.record,
             work.routing,
@@ -574,6 +593,7 @@ impl Stage {
                 .observe(now_ms().saturating_sub(at) as f64 / 1000.0),
             None => self.counters.handler_errors.inc(),
         }
+        outcome.solo = work.solo;
         log.finish(offset, outcome);
     }
 
@@ -606,12 +626,18 @@ impl Stage {
                 let Some((offset, outcome)) = log.next_release() else {
                     break;
                 };
+                let solo = transactional && outcome.solo;
+                if solo && self.txn.records() > 0 {
+                    // It goes alone: the open transaction commits first.
+                    self.put_back(pid, offset, outcome);
+                    return;
+                }
                 if let Err(e) = self.txn.begin() {
                     self.put_back(pid, offset, outcome);
                     self.repair(&format!("cannot begin a transaction: {e}"));
                     return;
                 }
-                if !self.hand_over(pid, offset, outcome) {
+                if !self.hand_over(pid, offset, outcome) || solo {
                     return;
                 }
             }

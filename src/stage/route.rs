@@ -55,6 +55,9 @@ pub struct Outcome {
     pub source: Option<Inbound>,
     /// The dead letter was cut to fit.
     pub truncated: bool,
+    /// Written in a transaction of its own: the broker refused this record's outcome once,
+    /// perhaps for the batch it was in, so the next refusal is surely its own.
+    pub solo: bool,
 }
 
 impl Outcome {
@@ -64,6 +67,7 @@ impl Outcome {
             record: None,
             source: None,
             truncated: false,
+            solo: false,
         }
     }
 
@@ -164,6 +168,7 @@ impl Router {
             record,
             source: Some(source),
             truncated: false,
+            solo: false,
         }
     }
 
@@ -247,6 +252,7 @@ impl Router {
                 record: Some(full),
                 source: Some(source),
                 truncated: false,
+                solo: false,
             };
         }
         // A retry record that cannot fit could never be handled either: it is dead.
@@ -309,6 +315,7 @@ impl Router {
             }),
             source: Some(source),
             truncated: true,
+            solo: false,
         }
     }
 }

@@ -183,6 +183,14 @@ impl Txn {
         }
     }
 
+    /// Records in the open transaction (0 when none is open).
+    pub fn records(&self) -> usize {
+        match &self.state {
+            State::Open { records, .. } => *records,
+            _ => 0,
+        }
+    }
+
     /// A record of the open transaction was acknowledged.
     pub fn delivered(&mut self) {
         if let State::Open { unacked, .. } = &mut self.state {
