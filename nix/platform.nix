@@ -130,7 +130,7 @@ writeShellApplication {
 
     # Stops what was started, last first (the daemons drain before Kafka goes), then
     # removes the state directory.
-    # shellcheck disable=SC2317 # invoked by the EXIT trap
+    # shellcheck disable=SC2317,SC2329 # invoked by the EXIT trap
     cleanup() {
       local rc=$? i
       trap - EXIT INT TERM

