@@ -125,7 +125,7 @@ retry_topic = "{RETRY}"
 dlq_topic = "{DLQ}"
 group_id = "{group}"
 processing_guarantee = "{guarantee}"
-stall_timeout = "2s"
+stall_timeout = "4s"
 {retry}
 {extra}
 "#,
@@ -169,11 +169,20 @@ stall_timeout = "2s"
         harness.order(&format!("warm-up-{n}"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         if harness.keys(OUT).iter().any(|k| k.starts_with("warm-up-")) {
-            return harness;
+            break;
         }
         assert!(Instant::now() < deadline, "the stage never consumed");
     }
-    unreachable!()
+    // Nothing of the warm-up may still be in flight when a scenario injects its faults:
+    // every record consumed is handled (the gauge counts the simulated delays) and its
+    // output committed.
+    harness
+        .wait_until("the warm-up is done", Duration::from_secs(30), |h| {
+            h.counter("inflight_handlers", None) == 0.0
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    harness
 }
 
 fn order_json(id: &str) -> Vec<u8> {
@@ -327,9 +336,9 @@ impl Harness {
     }
 }
 
-/// Handling takes 1 s per record (per key), so that a test can act while the stage holds
-/// records it has not committed.
-const DELAY_1S: &str = "[simulate]\ndelay = \"1s\"\n";
+/// Handling takes 3 s per record (per key, below the 4 s stall timeout), so that a test can
+/// act while the stage holds records it has not committed.
+const DELAY_3S: &str = "[simulate]\ndelay = \"3s\"\n";
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
@@ -437,12 +446,14 @@ async fn coordinators_that_move_are_followed() {
 /// (the stage reports itself not ready meanwhile) and goes on once the broker answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
-    // Each record takes 1 s to handle: the broker turns slow while the stage holds them.
-    let h = start("exactly-once", DELAY_1S, &[], &[]).await;
+    // Each record takes 3 s to handle: the broker turns slow while the stage holds them.
+    // Each request then takes 2 s, so a commit (five requests or so) outlasts the 4 s stall
+    // timeout, while the group's heartbeats (3 s session) still get through.
+    let h = start("exactly-once", DELAY_3S, &[], &[]).await;
     let orders = ids("slow", 5);
     h.send_and_hold(&orders).await;
     h.cluster
-        .broker_round_trip_time(1, Duration::from_secs(4))
+        .broker_round_trip_time(1, Duration::from_secs(2))
         .expect("rtt");
     h.wait_until(
         "not ready while nothing commits",
@@ -467,8 +478,8 @@ async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
     for guarantee in ["exactly-once", "at-least-once"] {
-        // Each record takes 1 s to handle, so the stage holds them when the broker goes.
-        let h = start(guarantee, DELAY_1S, &[], &[]).await;
+        // Each record takes 3 s to handle, so the stage holds them when the broker goes.
+        let h = start(guarantee, DELAY_3S, &[], &[]).await;
         let orders = ids(&format!("outage-{guarantee}"), 5);
         h.send_and_hold(&orders).await;
         h.cluster.broker_down(1).expect("down");
@@ -495,7 +506,7 @@ async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
 /// keeps the pause across the revocation and re-assignment, so the stage must lift it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_held_across_a_rebalance_is_still_handled() {
-    // Retries may wait up to 30 s: the record below is held for 10 s.
+    // Retries may wait up to 30 s: the record below is held for 20 s.
     let h = start(
         "exactly-once",
         "[retry]\ndelays = [\"1s\", \"30s\"]\n",
@@ -503,7 +514,7 @@ async fn a_retry_held_across_a_rebalance_is_still_handled() {
         &[],
     )
     .await;
-    let due = kop::event::now_ms() + 10_000;
+    let due = kop::event::now_ms() + 20_000;
     h.produce(
         RETRY,
         "held",
@@ -547,7 +558,7 @@ async fn a_retry_held_across_a_rebalance_is_still_handled() {
         let _ = member.poll(Duration::from_millis(50));
     }
     drop(member);
-    h.wait_paid(&["held"], Duration::from_secs(40)).await;
+    h.wait_paid(&["held"], Duration::from_secs(60)).await;
     h.stop().await;
 }
 
@@ -605,7 +616,7 @@ async fn a_far_future_retry_time_waits_only_the_longest_delay() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
     for (guarantee, refusals) in [("exactly-once", 2), ("at-least-once", 1)] {
-        let h = start(guarantee, DELAY_1S, &[], &[]).await;
+        let h = start(guarantee, DELAY_3S, &[], &[]).await;
         // Injected once the stage holds the order: the error is the stage's, not ours.
         h.send_and_hold(&["refused".to_string()]).await;
         h.cluster.request_errors(
@@ -639,7 +650,7 @@ async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
 /// it then (the first refusal was its batch's, not its own).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_refused_once_is_sent_alone_and_paid() {
-    let h = start("exactly-once", DELAY_1S, &[], &[]).await;
+    let h = start("exactly-once", DELAY_3S, &[], &[]).await;
     h.send_and_hold(&["refused-once".to_string()]).await;
     h.cluster.request_errors(
         RDKafkaApiKey::Produce,

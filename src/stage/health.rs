@@ -1,9 +1,14 @@
 //! Health is progress: a stage that has input waiting but has not committed for
 //! `stall_timeout` is not ready, says why in its STATUS line, and stops feeding the
 //! watchdog so that systemd restarts it. A stage with nothing to do is healthy however long
-//! it idles.
+//! it idles — unless it cannot reach any broker for that long: then it cannot know whether
+//! input waits (an assignment lost in an outage takes its records out of sight).
 
 use std::time::{Duration, Instant};
+
+/// How often librdkafka reports its connections (`statistics.interval.ms` of the stage's
+/// consumer): a broker is known to be unreachable one report late.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -47,7 +52,13 @@ impl Progress {
 
     /// Judges the stage: `waiting` says whether records are waiting to be committed
     /// (consumed and not committed, or not yet consumed from the input topic).
-    pub fn verdict(&mut self, waiting: bool, now: Instant) -> Verdict {
+    pub fn verdict(&mut self, waiting: bool, unreachable: Duration, now: Instant) -> Verdict {
+        if unreachable >= self.stall_timeout + STATS_INTERVAL {
+            return Verdict::Stalled(format!(
+                "no connection to any Kafka broker for {}s",
+                unreachable.as_secs()
+            ));
+        }
         if !waiting {
             self.last_progress = now;
             return Verdict::Progressing;
@@ -81,12 +92,13 @@ mod tests {
     fn idle_is_healthy_and_waiting_without_commits_is_not() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
+        let up = Duration::ZERO;
         let mut p = Progress::new(s(30), t0);
-        assert_eq!(p.verdict(false, t0 + s(100)), Verdict::Progressing);
-        assert_eq!(p.verdict(true, t0 + s(110)), Verdict::Progressing);
+        assert_eq!(p.verdict(false, up, t0 + s(100)), Verdict::Progressing);
+        assert_eq!(p.verdict(true, up, t0 + s(110)), Verdict::Progressing);
         p.failed("commit failed: broker down");
         p.failed("commit failed: broker down");
-        let Verdict::Stalled(why) = p.verdict(true, t0 + s(131)) else {
+        let Verdict::Stalled(why) = p.verdict(true, up, t0 + s(131)) else {
             panic!("should be stalled");
         };
         assert!(why.contains("31s"), "{why}");
@@ -94,6 +106,22 @@ mod tests {
         assert!(why.contains("broker down"), "{why}");
         p.committed(t0 + s(132));
         assert_eq!(p.consecutive_failures(), 0);
-        assert_eq!(p.verdict(true, t0 + s(140)), Verdict::Progressing);
+        assert_eq!(p.verdict(true, up, t0 + s(140)), Verdict::Progressing);
+    }
+
+    #[test]
+    fn no_broker_for_the_stall_timeout_is_a_stall_even_idle() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut p = Progress::new(s(30), t0);
+        // One statistics report late is not yet unreachable.
+        assert_eq!(p.verdict(false, s(34), t0), Verdict::Progressing);
+        let Verdict::Stalled(why) = p.verdict(false, s(35), t0) else {
+            panic!("should be stalled");
+        };
+        assert!(
+            why.contains("no connection to any Kafka broker for 35s"),
+            "{why}"
+        );
     }
 }

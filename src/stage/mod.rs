@@ -1052,8 +1052,10 @@ impl Stage {
             self.txn
                 .start_rebuild(move || consumer.committed(txn::CALL_TIMEOUT));
         }
-        let waiting = self.pending_records() > 0 || self.consumer.context().input_lag() > 0;
-        match self.progress.verdict(waiting, Instant::now()) {
+        let context = self.consumer.context();
+        let waiting = self.pending_records() > 0 || context.input_lag() > 0;
+        let unreachable = context.brokers_unreachable_for(now_ms());
+        match self.progress.verdict(waiting, unreachable, Instant::now()) {
             Verdict::Progressing => {
                 watchdog.ping();
                 if self.stalled {
