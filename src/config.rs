@@ -247,9 +247,10 @@ pub struct StageConfig {
     pub output: Option<String>,
     pub group_id: String,
     pub guarantee: Guarantee,
-    /// A batch (one transaction) closes after this many records ...
+    /// A transaction holds at most this many records.
     pub commit_max_records: usize,
-    /// ... or this long after its first record.
+    /// Read but no longer used: a transaction commits as soon as the previous commit is
+    /// done and its records are acknowledged.
     pub commit_interval: Duration,
     /// Records being handled at once.
     pub max_in_flight: usize,
