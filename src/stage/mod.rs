@@ -614,10 +614,7 @@ impl Stage {
         let pids: Vec<Pid> = self.logs.keys().copied().collect();
         for pid in pids {
             loop {
-                if transactional
-                    && let State::Open { records, .. } = self.txn.state()
-                    && *records >= self.config.commit_max_records
-                {
+                if transactional && self.txn.records() >= self.config.commit_max_records {
                     return; // the rest goes into the next transaction
                 }
                 let Some(log) = self.logs.get_mut(&pid) else {
@@ -650,12 +647,11 @@ impl Stage {
         loop {
             let Some(record) = outcome.record.take() else {
                 // Nothing to write (the last stage): done as soon as its offset commits.
-                self.released(pid, offset, None, None);
+                self.released(pid, offset, None, false);
                 return true;
             };
             let target = record.target;
             let kept_headers = (!self.txn.is_transactional()).then(|| record.headers.clone());
-            let size = record.size();
             match self.send(pid, offset, record) {
                 Ok(record) => {
                     match target {
@@ -671,7 +667,7 @@ impl Stage {
                         outcome.record = Some(OutRecord { headers, ..record });
                         outcome
                     });
-                    self.released(pid, offset, kept, Some(size));
+                    self.released(pid, offset, kept, true);
                     return true;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
@@ -711,10 +707,9 @@ impl Stage {
     }
 
     /// Records that an outcome left: into the transaction, or kept until acknowledged.
-    /// `sent`: the size of what was sent, if anything was.
-    fn released(&mut self, pid: Pid, offset: i64, kept: Option<Outcome>, sent: Option<usize>) {
-        self.txn
-            .include(pid, offset + 1, sent.unwrap_or(0), sent.is_some());
+    /// `sent`: whether a record was sent (and its acknowledgement is awaited).
+    fn released(&mut self, pid: Pid, offset: i64, kept: Option<Outcome>, sent: bool) {
+        self.txn.include(pid, offset + 1, sent);
         if let Some(log) = self.logs.get_mut(&pid) {
             match kept {
                 Some(outcome) if !self.txn.is_transactional() => log.keep(offset, outcome),
@@ -860,12 +855,7 @@ impl Stage {
             self.txn.start_abort();
             return;
         }
-        if !self.txn.should_commit(
-            true,
-            self.config.commit_max_records,
-            usize::MAX,
-            self.config.commit_interval,
-        ) {
+        if !self.txn.should_commit() {
             return;
         }
         let Some(metadata) = self.consumer.group_metadata() else {

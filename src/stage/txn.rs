@@ -57,9 +57,7 @@ pub enum State {
     /// No transaction open (always, at least once).
     Idle,
     Open {
-        opened: Instant,
         records: usize,
-        bytes: usize,
         /// Records sent and not yet acknowledged. The commit waits for them: librdkafka's
         /// commit would flush them itself, but rdkafka's producer serves delivery reports
         /// in 100 ms polls, which every commit would then wait out.
@@ -154,9 +152,7 @@ impl Txn {
             self.producer.begin_transaction()?;
             self.batch += 1;
             self.state = State::Open {
-                opened: Instant::now(),
                 records: 0,
-                bytes: 0,
                 unacked: 0,
                 offsets: HashMap::new(),
                 doomed: None,
@@ -167,17 +163,15 @@ impl Txn {
 
     /// Counts a record into the open transaction: its offset is committed with it, once
     /// what it `sent` is acknowledged.
-    pub fn include(&mut self, pid: Pid, next_offset: i64, bytes: usize, sent: bool) {
+    pub fn include(&mut self, pid: Pid, next_offset: i64, sent: bool) {
         if let State::Open {
             records,
-            bytes: total,
             unacked,
             offsets,
             ..
         } = &mut self.state
         {
             *records += 1;
-            *total += bytes;
             *unacked += usize::from(sent);
             offsets.insert(pid, next_offset);
         }
@@ -323,34 +317,20 @@ impl Txn {
         };
     }
 
-    /// Whether the open transaction should be committed now. A transaction closes as soon
-    /// as the previous commit is done (`previous_done` is then true, as no call runs) and
-    /// its input is drained, or when it reached a bound: outcomes that finish during a
-    /// commit form the next one, so it grows with the load (group commit).
-    pub fn should_commit(
-        &self,
-        input_drained: bool,
-        max_records: usize,
-        max_bytes: usize,
-        max_age: Duration,
-    ) -> bool {
-        match &self.state {
+    /// Whether the open transaction can commit now: the loop asks only when no call runs,
+    /// so the previous commit is done; outcomes that finished during it are in this one,
+    /// which thus grows with the load (group commit). It must hold something, and every
+    /// record it sent must be acknowledged.
+    pub fn should_commit(&self) -> bool {
+        matches!(
+            &self.state,
             State::Open {
-                opened,
-                records,
-                bytes,
                 unacked: 0,
                 offsets,
                 doomed: None,
-            } => {
-                !offsets.is_empty()
-                    && (input_drained
-                        || *records >= max_records
-                        || *bytes >= max_bytes
-                        || opened.elapsed() >= max_age)
-            }
-            _ => false,
-        }
+                ..
+            } if !offsets.is_empty()
+        )
     }
 
     /// The failure that dooms the open transaction, if any.
