@@ -209,6 +209,8 @@ pub struct OrderConfig {
     pub produce_timeout: Duration,
     /// Records waiting in the producer; beyond it requests get 503 at once.
     pub max_pending: u32,
+    /// How long kop-order may be unable to deliver before it exits non-zero.
+    pub stall_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -316,6 +318,8 @@ struct HttpSection {
     #[serde(default, deserialize_with = "duration_opt")]
     produce_timeout: Option<Duration>,
     max_pending: Option<u32>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    stall_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -737,6 +741,7 @@ impl OrderConfig {
             max_body_bytes: http.max_body_bytes.unwrap_or(64 * 1024),
             produce_timeout: http.produce_timeout.unwrap_or(Duration::from_secs(5)),
             max_pending: http.max_pending.unwrap_or(100_000),
+            stall_timeout: http.stall_timeout.unwrap_or(Duration::from_secs(60)),
         };
         if config.max_body_bytes == 0 {
             return Err(invalid(&origin, "http.max_body_bytes", "must be positive"));
@@ -750,6 +755,13 @@ impl OrderConfig {
         }
         if config.max_pending == 0 {
             return Err(invalid(&origin, "http.max_pending", "must be positive"));
+        }
+        if config.stall_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                &origin,
+                "http.stall_timeout",
+                "must be at least 1s",
+            ));
         }
         Ok(config)
     }

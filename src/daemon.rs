@@ -20,9 +20,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 use crate::config::{
     self, ConfigError, LogConfig, LogFormat, OrderConfig, ProcessEnv, Service, StageConfig,
 };
-use crate::lifecycle::{
-    Health, Shutdown, ShutdownTrigger, Watchdog, notify, shutdown_channel, status,
-};
+use crate::lifecycle::{Health, Shutdown, ShutdownTrigger, notify, shutdown_channel, status};
 use crate::metrics::Metrics;
 use crate::stage::{Handler, Stage};
 
@@ -357,7 +355,7 @@ async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
         }
         Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
     };
-    if let Err(e) = spawn_signals(trigger, reload) {
+    if let Err(e) = spawn_signals(trigger.clone(), reload) {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::from(EX_FAILURE);
     }
@@ -393,10 +391,18 @@ async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
                 let line = format!("POST http://{}/order → {}", config.listen, config.topic);
                 notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
                 info!(listen = %config.listen, topic = %config.topic, "ready");
-                let watchdog = tokio::spawn(ping_while_running(shutdown.clone()));
+                let watch = tokio::spawn(api.clone().watch(
+                    health.clone(),
+                    shutdown.clone(),
+                    trigger,
+                    line,
+                ));
                 api.serve(listener, shutdown.clone()).await;
-                let _ = watchdog.await;
-                ExitCode::SUCCESS
+                match watch.await {
+                    Ok(None) => ExitCode::SUCCESS,
+                    // Gave up (logged where it happened), or the health check itself failed.
+                    Ok(Some(_)) | Err(_) => ExitCode::from(EX_FAILURE),
+                }
             }
         },
     };
@@ -418,16 +424,4 @@ async fn stop_serving_metrics(
     let _ = server.await;
     info!("stopped");
     code
-}
-
-/// kop-order has no processing loop of its own: the runtime answering is what is watched.
-async fn ping_while_running(mut shutdown: Shutdown) {
-    let mut watchdog = Watchdog::from_env();
-    let mut tick = tokio::time::interval(watchdog.tick());
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => break,
-            _ = tick.tick() => watchdog.ping(),
-        }
-    }
 }

@@ -4,9 +4,11 @@
 //! accepted order is never lost. Every refusal is JSON `{error, field?}` with a status that
 //! tells the client what to do: fix the request (4xx) or come back later (503 with
 //! `Retry-After`, when Kafka cannot take the record in time). Memory stays bounded: bodies
-//! are capped and the producer's queue is finite; a full queue answers 503 at once.
+//! are capped, a pending request keeps only the order's id, and the producer's queue is
+//! finite; a full queue answers 503 at once.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,22 +16,77 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::OrderConfig;
 use crate::event::{Order, OrderCreated, now_ms};
-use crate::kafka::{self, H_TRACEPARENT};
-use crate::lifecycle::Shutdown;
+use crate::kafka::{self, BrokerWatch, H_TRACEPARENT};
+use crate::lifecycle::{Health, Shutdown, ShutdownTrigger, Watchdog, status};
 use crate::metrics::Metrics;
+use crate::order_health::{DeliveryHealth, Observation, Verdict};
+
+/// How often a blocked API renews its STATUS line.
+const STATUS_RENEWAL: Duration = Duration::from_secs(5);
 
 pub struct OrderApi {
-    producer: FutureProducer,
+    producer: FutureProducer<OrderContext>,
     config: OrderConfig,
     metrics: Arc<Metrics>,
+    outcomes: Arc<Outcomes>,
+    brokers: Arc<BrokerWatch>,
+    /// Set while the health check finds that orders cannot be delivered: requests are then
+    /// refused at once rather than after `produce_timeout`.
+    blocked: AtomicBool,
+}
+
+/// The producer's callbacks: only its connections matter here. (The producer wraps its
+/// context out of reach, so the watch is shared.)
+pub struct OrderContext {
+    brokers: Arc<BrokerWatch>,
+}
+
+impl ClientContext for OrderContext {
+    fn stats(&self, statistics: Statistics) {
+        self.brokers.saw(&statistics);
+    }
+
+    /// Connection errors repeat every second while a broker is away: the health check
+    /// reports the last one with its verdict, and each is only a debug line.
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka error");
+        self.brokers.failed(&error, reason);
+    }
+}
+
+/// What became of the records handed to the producer, for the health check.
+#[derive(Default)]
+struct Outcomes {
+    acks: AtomicU64,
+    failures: AtomicU64,
+    last_failure: Mutex<Option<String>>,
+}
+
+impl Outcomes {
+    fn record(&self, result: &OwnedDeliveryResult) {
+        match result {
+            Ok(_) => {
+                self.acks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = self.last_failure.lock() {
+                    *last = Some(e.to_string());
+                }
+            }
+        }
+    }
 }
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -67,6 +124,14 @@ struct Refusal {
 }
 
 impl Refusal {
+    fn unavailable(error: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: error.into(),
+            field: None,
+        }
+    }
+
     fn bad(error: impl Into<String>, field: Option<String>) -> Self {
         Refusal {
             status: StatusCode::BAD_REQUEST,
@@ -156,9 +221,13 @@ impl OrderApi {
                 info!(topics = ?created, "created topics");
             }
         }
-        let producer: FutureProducer =
-            kafka::order_producer_config(common, config.produce_timeout, config.max_pending)
-                .create()?;
+        let brokers = Arc::new(BrokerWatch::default());
+        let producer: FutureProducer<OrderContext> =
+            kafka::order_producer_config(common, config.max_pending).create_with_context(
+                OrderContext {
+                    brokers: brokers.clone(),
+                },
+            )?;
         let probe = producer.clone();
         let topic = config.topic.clone();
         tokio::task::spawn_blocking(move || kafka::require_topics(probe.client(), &[&topic]))
@@ -168,7 +237,91 @@ impl OrderApi {
             producer,
             config,
             metrics,
+            outcomes: Arc::default(),
+            brokers,
+            blocked: AtomicBool::new(false),
         }))
+    }
+
+    /// Judges delivery about once a second: sets readiness and STATUS, feeds the watchdog,
+    /// and after `stall_timeout` without delivering (or at a fatal producer error) stops
+    /// the daemon. Returns why it gave up, if it did.
+    pub async fn watch(
+        self: Arc<Self>,
+        health: Arc<Health>,
+        mut shutdown: Shutdown,
+        trigger: ShutdownTrigger,
+        running_line: String,
+    ) -> Option<String> {
+        let mut watchdog = Watchdog::from_env();
+        let mut tick = tokio::time::interval(watchdog.tick().min(Duration::from_secs(1)));
+        let mut judge = DeliveryHealth::new(self.config.produce_timeout, self.config.stall_timeout);
+        // While blocked, STATUS is renewed now and then (its seconds count), not every tick.
+        let mut status_sent = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return None,
+                _ = tick.tick() => {}
+            }
+            let verdict = match self.producer.client().fatal_error() {
+                // An idempotent producer that lost track of its sequence cannot go on.
+                Some((code, reason)) => {
+                    Verdict::GiveUp(format!("the producer hit a fatal error: {code}: {reason}"))
+                }
+                None => judge.observe(&self.observe(), Instant::now()),
+            };
+            let was_blocked = self.blocked.load(Ordering::Acquire);
+            match verdict {
+                Verdict::Delivering => {
+                    watchdog.ping();
+                    if was_blocked {
+                        info!("delivering orders again");
+                        self.set_blocked(false, &health);
+                        status(&running_line);
+                    }
+                }
+                Verdict::Blocked(why) => {
+                    watchdog.ping();
+                    if !was_blocked || status_sent.elapsed() >= STATUS_RENEWAL {
+                        status(&format!("cannot deliver: {why}"));
+                        status_sent = Instant::now();
+                    }
+                    if !was_blocked {
+                        warn!(reason = %why, "cannot deliver orders; answering 503 until Kafka takes them again");
+                        self.set_blocked(true, &health);
+                    }
+                }
+                Verdict::GiveUp(why) => {
+                    error!(reason = %why, "giving up: exiting for the service manager to start kop-order again");
+                    self.set_blocked(true, &health);
+                    status(&format!("giving up: {why}"));
+                    trigger.trigger();
+                    return Some(why);
+                }
+            }
+        }
+    }
+
+    fn set_blocked(&self, blocked: bool, health: &Health) {
+        self.blocked.store(blocked, Ordering::Release);
+        health.set_ready(!blocked);
+        self.metrics.cannot_deliver.set(i64::from(blocked));
+    }
+
+    fn observe(&self) -> Observation {
+        Observation {
+            unreachable: self.brokers.unreachable_for(now_ms()),
+            connection_error: self.brokers.last_error(),
+            waiting: u64::try_from(self.producer.in_flight_count()).unwrap_or(0),
+            acks: self.outcomes.acks.load(Ordering::Relaxed),
+            failures: self.outcomes.failures.load(Ordering::Relaxed),
+            last_failure: self
+                .outcomes
+                .last_failure
+                .lock()
+                .ok()
+                .and_then(|l| l.clone()),
+        }
     }
 
     /// Serves the API until shutdown, then flushes what the producer still holds.
@@ -268,39 +421,28 @@ impl OrderApi {
             Err(e) => return Err(Refusal::bad(format!("cannot read the body: {e}"), None)),
         };
         let order = parse_order(&body).map_err(|(error, field)| Refusal::bad(error, field))?;
-
-        let event = OrderCreated {
-            order,
-            accepted_at: now_ms(),
-        };
-        let payload = serde_json::to_vec(&event).map_err(|e| Refusal {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            error: format!("cannot encode the event: {e}"),
-            field: None,
-        })?;
-        let order_id = event.order.order_id.as_str();
-        let headers = kafka::with_header(
-            rdkafka::message::OwnedHeaders::new(),
-            H_TRACEPARENT,
-            &traceparent,
-        );
-        let record = FutureRecord::to(&self.config.topic)
-            .key(order_id)
-            .payload(&payload)
-            .headers(headers);
-        let delivery = match self.producer.send_result(record) {
-            Ok(delivery) => delivery,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                return Ok(unavailable(
-                    "too many orders waiting for Kafka; retry later",
-                ));
-            }
-            Err((e, _)) => {
-                warn!(order_id, error = %e, "cannot hand the order to the producer");
-                return Ok(unavailable(&format!("Kafka refused the order: {e}")));
+        drop(body);
+        if self.blocked.load(Ordering::Acquire) {
+            return Ok(unavailable(
+                "kop-order cannot deliver to Kafka right now; retry later",
+            ));
+        }
+        let (order_id, mut delivery) = self.send(order, &traceparent)?;
+        let outcome = match tokio::time::timeout(self.config.produce_timeout, &mut delivery).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.follow_late(order_id.clone(), delivery);
+                return Ok(unavailable(&format!(
+                    "Kafka did not acknowledge the order within {}; it may still be stored: \
+                     retry with the same orderId",
+                    humantime::format_duration(self.config.produce_timeout)
+                )));
             }
         };
-        match delivery.await {
+        if let Ok(result) = &outcome {
+            self.outcomes.record(result);
+        }
+        match outcome {
             Ok(Ok(delivery)) => {
                 self.metrics
                     .produced
@@ -326,12 +468,72 @@ impl OrderApi {
             }
             Ok(Err((e, _))) => {
                 warn!(order_id, error = %e, "order not acknowledged by Kafka");
-                Ok(unavailable(&format!(
-                    "Kafka did not acknowledge the order in time: {e}"
-                )))
+                Ok(unavailable(&format!("Kafka did not take the order: {e}")))
             }
             Err(_) => Ok(unavailable("the producer was shut down")),
         }
+    }
+
+    /// Hands the order to the producer. The encoded event lives only until the producer has
+    /// copied it: a pending request keeps the order's id and nothing else.
+    fn send(&self, order: Order, traceparent: &str) -> Result<(String, DeliveryFuture), Refusal> {
+        let event = OrderCreated {
+            order,
+            accepted_at: now_ms(),
+        };
+        let payload = serde_json::to_vec(&event).map_err(|e| Refusal {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: format!("cannot encode the event: {e}"),
+            field: None,
+        })?;
+        let order_id = event.order.order_id;
+        let headers = kafka::with_header(
+            rdkafka::message::OwnedHeaders::new(),
+            H_TRACEPARENT,
+            traceparent,
+        );
+        let record = FutureRecord::to(&self.config.topic)
+            .key(&order_id)
+            .payload(&payload)
+            .headers(headers);
+        match self.producer.send_result(record) {
+            Ok(delivery) => Ok((order_id, delivery)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(
+                Refusal::unavailable("too many orders waiting for Kafka; retry later"),
+            ),
+            Err((e, _)) => {
+                warn!(order_id, error = %e, "cannot hand the order to the producer");
+                Err(Refusal::unavailable(format!(
+                    "Kafka refused the order: {e}"
+                )))
+            }
+        }
+    }
+
+    /// A record answered 503 goes on trying: its outcome still counts for health, and an
+    /// operator learns that the order was stored after all.
+    fn follow_late(&self, order_id: String, delivery: DeliveryFuture) {
+        let outcomes = self.outcomes.clone();
+        let metrics = self.metrics.clone();
+        let topic = self.config.topic.clone();
+        tokio::spawn(async move {
+            let Ok(result) = delivery.await else { return };
+            outcomes.record(&result);
+            match result {
+                Ok(delivery) => {
+                    metrics.produced.with_label_values(&[&topic]).inc();
+                    metrics.late_acks.inc();
+                    info!(
+                        order_id,
+                        topic,
+                        partition = delivery.partition,
+                        offset = delivery.offset,
+                        "order stored after its 503 answer"
+                    );
+                }
+                Err((e, _)) => warn!(order_id, error = %e, "order not stored"),
+            }
+        });
     }
 }
 

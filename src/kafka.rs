@@ -5,6 +5,7 @@
 //! over the table because the delivery semantics the README promises rest on them.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -14,6 +15,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use rdkafka::statistics::Statistics;
 
 use crate::config::Common;
 
@@ -56,25 +58,94 @@ pub fn base_config(common: &Common) -> ClientConfig {
 
 /// The idempotent producer of the order edge: no duplicates from internal retries, records
 /// acknowledged by all in-sync replicas.
-pub fn order_producer_config(
-    common: &Common,
-    delivery_timeout: Duration,
-    max_pending: u32,
-) -> ClientConfig {
+///
+/// The HTTP answer is bounded by a timer on the delivery, never by `message.timeout.ms`:
+/// a record that times out makes librdkafka bump the idempotent producer's epoch, and a
+/// request still in flight is then sent again under the new epoch, where the broker cannot
+/// tell it is a repeat. So records keep librdkafka's own five minutes to get through a
+/// failover, and a request not acknowledged in time is answered 503 while its record
+/// carries on: the order may still be stored, and the client retries with the same orderId.
+pub fn order_producer_config(common: &Common, max_pending: u32) -> ClientConfig {
     let mut config = base_config(common);
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        .set("queue.buffering.max.messages", max_pending.to_string())
+        // Reachability for the readiness check: one report a second.
         .set(
-            "message.timeout.ms",
-            delivery_timeout.as_millis().to_string(),
-        )
-        .set("queue.buffering.max.messages", max_pending.to_string());
+            "statistics.interval.ms",
+            STATS_INTERVAL.as_millis().to_string(),
+        );
+    // A broker back from a restart is found within a second or two, rather than after
+    // librdkafka's 10 s reconnect backoff; and a client that has lost every broker for
+    // 10 s starts over from bootstrap.servers instead of after 5 minutes.
+    for (key, value) in [
+        ("linger.ms", "5"),
+        ("reconnect.backoff.max.ms", "1000"),
+        ("metadata.recovery.rebootstrap.trigger.ms", "10000"),
+    ] {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
     config
-        .get("linger.ms")
-        .is_none()
-        .then(|| config.set("linger.ms", "5"));
-    config
+}
+
+/// How often the order producer reports its connections.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When a client last had a broker connection up, as its statistics reports show it.
+pub struct BrokerWatch {
+    up_at_ms: AtomicU64,
+    /// librdkafka's last account of a failed connection.
+    last_error: Mutex<Option<String>>,
+}
+
+impl Default for BrokerWatch {
+    /// A client starts out as reachable: the start-up already proved a broker answers.
+    fn default() -> Self {
+        BrokerWatch {
+            up_at_ms: AtomicU64::new(crate::event::now_ms()),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+impl BrokerWatch {
+    /// Takes in one statistics report.
+    pub fn saw(&self, statistics: &Statistics) {
+        // Bootstrap and coordinator entries are logical (node id -1); a real broker is up
+        // when its connection is.
+        if statistics
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP")
+        {
+            self.up_at_ms
+                .store(crate::event::now_ms(), Ordering::Release);
+        }
+    }
+
+    /// Takes in one error report of the client. "All brokers are down" is only the
+    /// consequence; the failed connection before it says why.
+    pub fn failed(&self, error: &KafkaError, reason: &str) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            return;
+        }
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(format!("{error}: {reason}"));
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|last| last.clone())
+    }
+
+    /// How long no statistics report has shown a broker connection that is up.
+    pub fn unreachable_for(&self, now_ms: u64) -> Duration {
+        let up_at = self.up_at_ms.load(Ordering::Acquire);
+        Duration::from_millis(now_ms.saturating_sub(up_at))
+    }
 }
 
 /// A stage's producer. With a transactional id it writes exactly once; without, it is the

@@ -16,6 +16,7 @@ pub mod kafka;
 pub mod lifecycle;
 pub mod load;
 pub mod metrics;
+pub mod order_health;
 pub mod retry;
 pub mod serve;
 pub mod stage;

@@ -2,6 +2,7 @@
 //! for `/readyz`, and what the service manager is told (`READY=1`, `STATUS=`, the
 //! watchdog). It imports nothing of kop, so any module can use it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,11 +14,14 @@ use tracing::warn;
 #[derive(Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
 
-pub struct ShutdownTrigger(watch::Sender<bool>);
+/// Fires the shutdown: a signal handler holds one, and so may a task that finds the daemon
+/// cannot go on.
+#[derive(Clone)]
+pub struct ShutdownTrigger(Arc<watch::Sender<bool>>);
 
 pub fn shutdown_channel() -> (ShutdownTrigger, Shutdown) {
     let (tx, rx) = watch::channel(false);
-    (ShutdownTrigger(tx), Shutdown(rx))
+    (ShutdownTrigger(Arc::new(tx)), Shutdown(rx))
 }
 
 impl ShutdownTrigger {

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub producer_rebuilds: IntCounter,
     pub dlq_truncated: IntCounter,
     pub stalled: IntGauge,
+    pub cannot_deliver: IntGauge,
+    pub late_acks: IntCounter,
 }
 
 /// Latency buckets from 1 ms to 60 s: fast paths and retried records fit in one histogram.
@@ -79,6 +81,14 @@ impl Metrics {
         let stalled = gauge(
             "kop_stage_stalled",
             "1 while input waits and nothing was committed for stage.stall_timeout",
+        )?;
+        let cannot_deliver = gauge(
+            "kop_order_cannot_deliver",
+            "1 while kop-order cannot deliver orders to Kafka (its /readyz is 503)",
+        )?;
+        let late_acks = single(
+            "kop_order_late_acks_total",
+            "Orders answered 503 (not acknowledged within http.produce_timeout) that Kafka stored afterwards",
         )?;
         let producer_rebuilds = single(
             "kop_producer_rebuilds_total",
@@ -158,6 +168,8 @@ impl Metrics {
             producer_rebuilds,
             dlq_truncated,
             stalled,
+            cannot_deliver,
+            late_acks,
             registry,
         };
         // Create the error series at zero, so that rates and alerts see it before the first error.

@@ -424,3 +424,86 @@ async fn waiting_for_kafka_is_not_ready_and_stops_cleanly() {
         eprintln!("{service} without Kafka: {lines:?}");
     }
 }
+
+/// kop-order that cannot deliver says why in STATUS and /readyz, and after
+/// `http.stall_timeout` of it exits non-zero, for systemd to start it afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_api_that_cannot_deliver_says_why_and_gives_up() {
+    let _ = brokers();
+    let broker = OwnBroker::start(
+        std::env::temp_dir().join(unique("kop-give-up-broker")),
+        free_port(),
+    );
+    let mut pipeline = Pipeline::new();
+    pipeline
+        .extra_env
+        .push(("KAFKA_BROKERS".into(), broker.address.clone()));
+    let stall_timeout = Duration::from_secs(5);
+    let config = pipeline.log_dir.join("order-give-up.toml");
+    std::fs::write(&config, "[http]\nstall_timeout = \"5s\"\n").expect("write config");
+    let mut socket = NotifySocket::bind();
+    let env = pipeline.env_for("order", &[]);
+    let mut daemon = spawn_notified_with(
+        "order",
+        &env,
+        &pipeline.log_dir,
+        &config,
+        &socket.path,
+        None,
+    );
+    socket
+        .wait_for(&mut daemon, "READY=1", Duration::from_secs(90))
+        .await;
+    assert_eq!(
+        http_get(daemon.metrics_port, "/readyz").await.unwrap().0,
+        200
+    );
+
+    tokio::task::block_in_place(|| broker.stop());
+    let down_at = Instant::now();
+    let why = socket
+        .wait_for_status(&mut daemon, "cannot deliver", Duration::from_secs(15))
+        .await;
+    assert!(why.contains("no connection to any Kafka broker"), "{why}");
+    assert_eq!(
+        http_get(daemon.metrics_port, "/readyz").await.unwrap().0,
+        503,
+        "not ready while it cannot deliver"
+    );
+    let metrics = daemon.metrics().await;
+    assert_eq!(metric(&metrics, "kop_order_cannot_deliver", &[]), 1.0);
+
+    // The socket is read meanwhile: a full one would block the daemon's notifications.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kop-order did not give up; log:\n{}",
+            daemon.log_text()
+        );
+        socket.next(Duration::from_millis(100)).await;
+    };
+    while socket.next(Duration::from_millis(50)).await.is_some() {}
+    let gave_up_after = down_at.elapsed();
+    assert_eq!(status.code(), Some(1), "exit status after giving up");
+    assert!(
+        gave_up_after >= stall_timeout,
+        "gave up {gave_up_after:?} after the broker went, before stall_timeout"
+    );
+    let lines = socket.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("STATUS=giving up") && l.contains("no connection")),
+        "{lines:?}"
+    );
+    assert!(
+        daemon.log_text().contains("giving up"),
+        "{}",
+        daemon.log_text()
+    );
+    eprintln!("gave up {gave_up_after:.1?} after the broker went; {why}");
+}

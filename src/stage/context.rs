@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::partitions::Pid;
 use super::route::Target;
+use crate::kafka::BrokerWatch;
 use crate::metrics::Metrics;
 
 pub struct StageContext {
@@ -24,8 +25,7 @@ pub struct StageContext {
     /// Records behind in the main input topic (the sum over its partitions), for the
     /// health check; retry partitions are left out, as they wait on purpose.
     input_lag: AtomicI64,
-    /// When a statistics report last showed a connection to a broker that is up (epoch ms).
-    broker_up_at_ms: AtomicU64,
+    brokers: BrokerWatch,
     input: String,
     metrics: Arc<Metrics>,
 }
@@ -36,7 +36,7 @@ impl StageContext {
             epoch: AtomicU64::new(0),
             revoked: Mutex::new(Vec::new()),
             input_lag: AtomicI64::new(0),
-            broker_up_at_ms: AtomicU64::new(crate::event::now_ms()),
+            brokers: BrokerWatch::default(),
             input: input.to_string(),
             metrics,
         }
@@ -60,23 +60,13 @@ impl StageContext {
 
     /// How long no statistics report has shown a broker connection that is up.
     pub fn brokers_unreachable_for(&self, now_ms: u64) -> std::time::Duration {
-        let up_at = self.broker_up_at_ms.load(Ordering::Acquire);
-        std::time::Duration::from_millis(now_ms.saturating_sub(up_at))
+        self.brokers.unreachable_for(now_ms)
     }
 }
 
 impl ClientContext for StageContext {
     fn stats(&self, statistics: Statistics) {
-        // Bootstrap and coordinator entries are logical (node id -1); a real broker is up
-        // when its connection is.
-        if statistics
-            .brokers
-            .values()
-            .any(|b| b.nodeid >= 0 && b.state == "UP")
-        {
-            self.broker_up_at_ms
-                .store(crate::event::now_ms(), Ordering::Release);
-        }
+        self.brokers.saw(&statistics);
         let mut input_lag = 0;
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
