@@ -1,7 +1,8 @@
 //! A three-broker KRaft cluster on this machine (scripts/kafka.sh start --nodes 3): every
 //! topic of the pipeline has three replicas and min.insync.replicas 2. Under a steady stream
 //! of orders one broker is killed (SIGKILL, a crash) and later brought back; not one
-//! accepted order is lost, and the stages carry every record the API wrote exactly once.
+//! accepted order is lost, the API writes each order it was sent at most once, and the
+//! stages carry every record the API wrote exactly once.
 //!
 //! The broker killed is the coordinator of the payment stage's consumer group, which takes
 //! that stage's transactional offset commits, and it leads a partition of the order topic:
@@ -426,9 +427,9 @@ async fn a_broker_crash_in_a_three_node_cluster_loses_no_order() {
     let counts = count_by_order(&records);
 
     // What the order API wrote: the stages must carry each of these records exactly once.
-    // The API's idempotent producer may itself write a record twice in a failover: when
-    // records time out, librdkafka bumps the producer epoch, and a request that was in flight
-    // and is retried under the new epoch cannot be recognised by the broker as a repeat.
+    // The API itself writes each record once: its idempotent producer keeps a record through
+    // the failover instead of timing it out (which would bump the producer's epoch, under
+    // which a retried request can no longer be recognised as a repeat).
     let config = cluster.config();
     let orders = pipeline.orders.clone();
     let written_ids: Vec<String> = counts.keys().cloned().collect();
@@ -489,6 +490,10 @@ async fn a_broker_crash_in_a_three_node_cluster_loses_no_order() {
             &lost[..lost.len().min(5)]
         );
     }
+    assert_eq!(
+        written_twice, 0,
+        "orders the API wrote more than once (each was posted once)"
+    );
     assert!(
         mismatched.is_empty(),
         "(order, times reserved, times written by the API): {:?}",
