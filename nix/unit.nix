@@ -20,6 +20,8 @@
     RestartSec = "2s";
     # 78 (EX_CONFIG): the configuration is wrong, restarting will not help.
     RestartPreventExitStatus = 78;
+    # kop-order holds up to http.max_connections (4096) client connections.
+    LimitNOFILE = 16384;
 
     # Sandbox: a Kafka client and an HTTP server that writes nothing.
     DynamicUser = true;

@@ -211,6 +211,13 @@ pub struct OrderConfig {
     pub max_pending: u32,
     /// How long kop-order may be unable to deliver before it exits non-zero.
     pub stall_timeout: Duration,
+    /// A request's head must arrive within this of its first byte.
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive within this of its head.
+    pub body_read_timeout: Duration,
+    /// A connection waiting for its next request is closed after this.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -320,6 +327,13 @@ struct HttpSection {
     max_pending: Option<u32>,
     #[serde(default, deserialize_with = "duration_opt")]
     stall_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    body_read_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    idle_timeout: Option<Duration>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -742,6 +756,10 @@ impl OrderConfig {
             produce_timeout: http.produce_timeout.unwrap_or(Duration::from_secs(5)),
             max_pending: http.max_pending.unwrap_or(100_000),
             stall_timeout: http.stall_timeout.unwrap_or(Duration::from_secs(60)),
+            header_read_timeout: http.header_read_timeout.unwrap_or(Duration::from_secs(10)),
+            body_read_timeout: http.body_read_timeout.unwrap_or(Duration::from_secs(10)),
+            idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(60)),
+            max_connections: http.max_connections.unwrap_or(4096),
         };
         if config.max_body_bytes == 0 {
             return Err(invalid(&origin, "http.max_body_bytes", "must be positive"));

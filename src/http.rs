@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -31,6 +31,7 @@ use crate::kafka::{self, BrokerWatch, H_TRACEPARENT};
 use crate::lifecycle::{Health, Shutdown, ShutdownTrigger, Watchdog, status};
 use crate::metrics::Metrics;
 use crate::order_health::{DeliveryHealth, Observation, Verdict};
+use crate::serve::Limits;
 
 /// How often a blocked API renews its STATUS line.
 const STATUS_RENEWAL: Duration = Duration::from_secs(5);
@@ -327,7 +328,13 @@ impl OrderApi {
     /// Serves the API until shutdown, then flushes what the producer still holds.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
         let api = self.clone();
-        crate::serve::serve_connections(listener, shutdown, move |req| {
+        let limits = Limits {
+            header_read_timeout: self.config.header_read_timeout,
+            idle_timeout: self.config.idle_timeout,
+            max_connections: self.config.max_connections,
+        };
+        let metrics = Some(self.metrics.connections.clone());
+        crate::serve::serve_connections(listener, shutdown, limits, metrics, move |req| {
             let api = api.clone();
             async move { Ok(api.handle(req).await) }
         })
@@ -382,6 +389,12 @@ impl OrderApi {
                         .headers_mut()
                         .insert(RETRY_AFTER, HeaderValue::from_static("1"));
                 }
+                // The rest of a body that came too slowly is not waited for.
+                if refusal.status == StatusCode::REQUEST_TIMEOUT {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
                 response
             }
         }
@@ -415,10 +428,21 @@ impl OrderApi {
             .and_then(|v| v.to_str().ok())
             .and_then(crate::trace::next_hop)
             .unwrap_or_else(crate::trace::new_traceparent);
-        let body = match Limited::new(req.into_body(), limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Err(e) => return Err(Refusal::bad(format!("cannot read the body: {e}"), None)),
+        let reading = Limited::new(req.into_body(), limit).collect();
+        let body = match tokio::time::timeout(self.config.body_read_timeout, reading).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Ok(Err(e)) => return Err(Refusal::bad(format!("cannot read the body: {e}"), None)),
+            Err(_) => {
+                return Err(Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    error: format!(
+                        "the body did not arrive within {}",
+                        humantime::format_duration(self.config.body_read_timeout)
+                    ),
+                    field: None,
+                });
+            }
         };
         let order = parse_order(&body).map_err(|(error, field)| Refusal::bad(error, field))?;
         drop(body);

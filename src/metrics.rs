@@ -17,6 +17,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 
 use crate::lifecycle::{Health, Shutdown};
+use crate::serve::Limits;
 
 /// All series of a daemon. Each daemon uses the ones that apply to it.
 pub struct Metrics {
@@ -39,6 +40,7 @@ pub struct Metrics {
     pub stalled: IntGauge,
     pub cannot_deliver: IntGauge,
     pub late_acks: IntCounter,
+    pub connections: crate::serve::ConnectionMetrics,
 }
 
 /// Latency buckets from 1 ms to 60 s: fast paths and retried records fit in one histogram.
@@ -90,6 +92,17 @@ impl Metrics {
             "kop_order_late_acks_total",
             "Orders answered 503 (not acknowledged within http.produce_timeout) that Kafka stored afterwards",
         )?;
+        let connections = crate::serve::ConnectionMetrics {
+            open: gauge("kop_http_connections_open", "HTTP connections open")?,
+            refused: single(
+                "kop_http_connections_refused_total",
+                "HTTP connections answered 503 and closed: max_connections open, none idle",
+            )?,
+            cut_off: single(
+                "kop_http_connections_cut_off_total",
+                "HTTP connections closed for a limit: idle, a slow request head, or room needed",
+            )?,
+        };
         let producer_rebuilds = single(
             "kop_producer_rebuilds_total",
             "Producers replaced after a fenced, fatal or hung transaction call",
@@ -170,6 +183,7 @@ impl Metrics {
             stalled,
             cannot_deliver,
             late_acks,
+            connections,
             registry,
         };
         // Create the error series at zero, so that rates and alerts see it before the first error.
@@ -225,7 +239,7 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: Shutdown,
 ) {
-    crate::serve::serve_connections(listener, shutdown, move |req| {
+    crate::serve::serve_connections(listener, shutdown, Limits::METRICS, None, move |req| {
         route(req, metrics.clone(), health.clone())
     })
     .await;

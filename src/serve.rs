@@ -1,24 +1,76 @@
 //! The HTTP/1 accept loop of the order API and of the metrics server: connections are
 //! served until shutdown, then the open ones may finish, for a bounded time.
+//!
+//! What a client may hold is bounded, so that slow or idle clients cannot starve the
+//! others: a connection waits for a request at most `idle_timeout`; a request's head must
+//! arrive within `header_read_timeout` of its first byte (its body is the handler's
+//! business); and at most `max_connections` are open. A connection over the cap closes
+//! the one that has been idle longest, and gets a 503 if none is idle: a flood of idle
+//! connections pushes out its own oldest, while a client that sends its request at once
+//! is served.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tracing::warn;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus::{IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
 
 use crate::lifecycle::Shutdown;
 
-/// How long in-flight requests may take to finish after shutdown was asked.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long in-flight requests may take to finish after shutdown was asked. With the
+/// producer's flush after it, this stays inside the units' `TimeoutStopSec` (30 s).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connections asked to make room that have not closed yet, at most; beyond, a new
+/// connection over the cap is refused. It bounds the descriptors held over the cap.
+const MAX_CLOSING: usize = 16;
+
+/// The answer to a connection that finds no room; it is closed after it.
+const NO_ROOM: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n\
+content-type: application/json\r\ncontent-length: 45\r\nconnection: close\r\n\r\n\
+{\"error\":\"too many connections; retry later\"}";
+
+/// What a client may hold of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// The metrics server: a scraper or two, and probes.
+    pub const METRICS: Limits = Limits {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 64,
+    };
+}
+
+/// Series the accept loop keeps up to date, when given.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    pub open: IntGauge,
+    pub refused: IntCounter,
+    pub cut_off: IntCounter,
+}
 
 /// Binds an address; a separate step so that a busy port fails the start early.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -26,39 +78,61 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts HTTP/1 connections until shutdown, then lets the open ones finish (bounded).
-pub async fn serve_connections<F, Fut>(listener: TcpListener, mut shutdown: Shutdown, handler: F)
-where
+pub async fn serve_connections<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: Shutdown,
+    limits: Limits,
+    metrics: Option<ConnectionMetrics>,
+    handler: F,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    // Bounds the time a slow client may take to send its headers.
+    // hyper's own timer runs from the moment it waits for a request, idle time included,
+    // so it cannot tell an idle client from a slow one: the connection's watch below does,
+    // and hyper's is only the backstop.
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout);
+    let server = Arc::new(Server {
+        builder,
+        handler,
+        limits,
+        metrics,
+        connections: Mutex::new(BTreeMap::new()),
+        next_id: AtomicU64::new(0),
+        open: AtomicUsize::new(0),
+        closing: AtomicUsize::new(0),
+    });
     loop {
-        tokio::select! {
+        let stream = tokio::select! {
             _ = shutdown.wait() => break,
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = hyper::service::service_fn(handler.clone());
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Over the cap, the connection idle longest makes room: it closes within moments,
+        // and the new one is served meanwhile.
+        if server.open.load(Ordering::Acquire) >= limits.max_connections
+            && !server.close_longest_idle()
+        {
+            server.refuse(stream);
+            continue;
         }
+        let _ = stream.set_nodelay(true);
+        // Counted before the task runs, so that a burst of connections sees the cap.
+        let (id, state) = server.admit();
+        let watcher = graceful.watcher();
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(stream, watcher, id, state).await });
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
@@ -66,5 +140,317 @@ where
         .is_err()
     {
         warn!("some connections were still open after {DRAIN_TIMEOUT:?}");
+    }
+}
+
+/// What every connection of one server shares.
+struct Server<F> {
+    builder: hyper::server::conn::http1::Builder,
+    handler: F,
+    limits: Limits,
+    metrics: Option<ConnectionMetrics>,
+    /// The open connections, by when they opened.
+    connections: Mutex<BTreeMap<u64, Arc<ConnectionState>>>,
+    next_id: AtomicU64,
+    /// Connections being served, those asked to make room included.
+    open: AtomicUsize,
+    /// Connections asked to make room, not closed yet.
+    closing: AtomicUsize,
+}
+
+impl<F, Fut> Server<F>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    fn admit(&self) -> (u64, Arc<ConnectionState>) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        let state = Arc::new(ConnectionState::new());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut connections) = self.connections.lock() {
+            connections.insert(id, state.clone());
+        }
+        (id, state)
+    }
+
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        watcher: Watcher,
+        id: u64,
+        state: Arc<ConnectionState>,
+    ) {
+        let io = TokioIo::new(Watched {
+            stream,
+            state: state.clone(),
+        });
+        let handler = self.handler.clone();
+        let service_state = state.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let request = service_state.request_started();
+            let answer = handler(req);
+            async move {
+                let answer = answer.await;
+                drop(request);
+                answer
+            }
+        });
+        let connection = watcher.watch(self.builder.serve_connection(io, service));
+        if let Some(m) = &self.metrics {
+            m.open.inc();
+        }
+        let cut = watch_connection(connection, &state, self.limits, &self.closing).await;
+        if let Ok(mut connections) = self.connections.lock() {
+            connections.remove(&id);
+        }
+        if state.closing.swap(false, Ordering::AcqRel) {
+            self.closing.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(m) = &self.metrics {
+            m.open.dec();
+            if cut {
+                m.cut_off.inc();
+            }
+        }
+    }
+
+    /// Asks the connection idle longest to close, if one is idle; says whether one was.
+    /// O(open connections), and only when the cap is reached.
+    fn close_longest_idle(&self) -> bool {
+        if self.closing.load(Ordering::Acquire) >= MAX_CLOSING {
+            return false;
+        }
+        let Ok(connections) = self.connections.lock() else {
+            return false;
+        };
+        let longest = connections
+            .values()
+            .filter(|c| c.is_idle() && !c.closing.load(Ordering::Acquire))
+            .min_by_key(|c| c.idle_since.load(Ordering::Acquire));
+        let Some(connection) = longest else {
+            return false;
+        };
+        connection.closing.store(true, Ordering::Release);
+        self.closing.fetch_add(1, Ordering::AcqRel);
+        connection.close.notify_one();
+        true
+    }
+
+    /// No room: a short answer, then the connection is closed.
+    fn refuse(&self, stream: TcpStream) {
+        // A fresh socket's send buffer takes the whole answer; if not, closing says enough.
+        let _ = stream.try_write(NO_ROOM);
+        if let Some(m) = &self.metrics {
+            m.refused.inc();
+        }
+    }
+}
+
+/// Serves one connection, closing it when a limit is reached or when room is asked for
+/// and it is idle. Returns whether it was cut off.
+async fn watch_connection<C: Future>(
+    connection: C,
+    state: &ConnectionState,
+    limits: Limits,
+    closing: &AtomicUsize,
+) -> bool {
+    let mut connection = std::pin::pin!(connection);
+    let every = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut check = tokio::time::interval(every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut connection => return false,
+            _ = check.tick() => {
+                if let Some(why) = state.overdue(limits) {
+                    debug!(why, "closing a connection");
+                    return true;
+                }
+            }
+            _ = state.close.notified() => {
+                // Still idle: a request may have begun since it was picked.
+                if state.is_idle() {
+                    debug!("closing the connection idle longest, to make room");
+                    return true;
+                }
+                if state.closing.swap(false, Ordering::AcqRel) {
+                    closing.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+}
+
+/// Milliseconds on a monotonic clock that starts with the process (0 means "never").
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+/// What one connection is doing, as its watch needs to know.
+struct ConnectionState {
+    /// Requests being answered (more than one only when pipelined).
+    requests: AtomicU32,
+    /// When the last answer was given, or the connection opened.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request arrived; 0 while none did.
+    head_started: AtomicU64,
+    /// Asked to close to make room for a new connection.
+    close: Notify,
+    closing: AtomicBool,
+}
+
+impl ConnectionState {
+    fn new() -> Self {
+        ConnectionState {
+            requests: AtomicU32::new(0),
+            idle_since: AtomicU64::new(clock_ms()),
+            head_started: AtomicU64::new(0),
+            close: Notify::new(),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    fn bytes_read(&self) {
+        if self.requests.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == 0
+        {
+            self.head_started.store(clock_ms(), Ordering::Release);
+        }
+    }
+
+    fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(0, Ordering::Release);
+        RequestGuard(self.clone())
+    }
+
+    fn is_idle(&self) -> bool {
+        self.requests.load(Ordering::Acquire) == 0 && self.head_started.load(Ordering::Acquire) == 0
+    }
+
+    /// Why the connection should be closed now, if it should. A request being answered is
+    /// the handler's to bound (its body's read time, Kafka's acknowledgement).
+    fn overdue(&self, limits: Limits) -> Option<&'static str> {
+        if self.requests.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let now = clock_ms();
+        let since = |at: u64| Duration::from_millis(now.saturating_sub(at));
+        match self.head_started.load(Ordering::Acquire) {
+            0 => (since(self.idle_since.load(Ordering::Acquire)) >= limits.idle_timeout)
+                .then_some("idle for idle_timeout"),
+            started => (since(started) >= limits.header_read_timeout)
+                .then_some("request head not received within header_read_timeout"),
+        }
+    }
+}
+
+/// Marks a request as being answered while alive.
+struct RequestGuard(Arc<ConnectionState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.idle_since.store(clock_ms(), Ordering::Release);
+        self.0.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A TCP stream that tells its connection's state when bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    state: Arc<ConnectionState>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.bytes_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_without_room_is_well_formed() {
+        let text = std::str::from_utf8(NO_ROOM).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let _: serde_json::Value = serde_json::from_str(body).unwrap();
+    }
+
+    #[test]
+    fn idle_and_slow_heads_are_told_apart() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(40),
+            idle_timeout: Duration::from_millis(400),
+            max_connections: 1,
+        };
+        let state = Arc::new(ConnectionState::new());
+        assert!(state.is_idle());
+        std::thread::sleep(Duration::from_millis(60));
+        // Idle past the header timeout is still only idle.
+        assert_eq!(state.overdue(limits), None);
+        state.bytes_read();
+        assert!(!state.is_idle());
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            state.overdue(limits),
+            Some("request head not received within header_read_timeout")
+        );
+        // A request being answered is never overdue here.
+        let request = state.request_started();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(state.overdue(limits), None);
+        drop(request);
+        assert!(state.is_idle());
     }
 }
