@@ -267,6 +267,19 @@ pub struct StageConfig {
     /// stops feeding the watchdog (systemd then restarts it).
     pub stall_timeout: Duration,
     pub retry: RetryConfig,
+    pub dedup: DedupConfig,
+}
+
+/// The keys a stage has handled, kept so that a repeat of one is not handled again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DedupConfig {
+    pub enabled: bool,
+    /// Keys kept per input partition, at most; the oldest go first.
+    pub max_keys: usize,
+    /// Keys older than this are forgotten (and deleted from the changelog).
+    pub window: Duration,
+    /// The compacted topic the keys are written to, in the transaction of the outputs.
+    pub changelog: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -338,6 +351,16 @@ struct HttpSection {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct DedupSection {
+    enabled: Option<bool>,
+    max_keys: Option<usize>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    window: Option<Duration>,
+    changelog: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct StageSection {
     input: Option<String>,
     retry_topic: Option<String>,
@@ -399,6 +422,8 @@ struct StageFile {
     stage: StageSection,
     #[serde(default)]
     retry: RetrySection,
+    #[serde(default)]
+    dedup: DedupSection,
 }
 
 /// librdkafka takes every property as a string; TOML lets operators write numbers and
@@ -898,6 +923,11 @@ impl StageConfig {
             return Err(invalid(&origin, "retry.delays", "needs at least one delay"));
         }
 
+        let changelog = file
+            .dedup
+            .changelog
+            .clone()
+            .unwrap_or_else(|| format!("{group_id}.dedup-changelog"));
         let config = StageConfig {
             common,
             input,
@@ -918,6 +948,17 @@ impl StageConfig {
             max_in_flight: stage.max_in_flight.unwrap_or(1000),
             stall_timeout: stage.stall_timeout.unwrap_or(Duration::from_secs(60)),
             retry,
+            dedup: DedupConfig {
+                // kop-payment pays each order once; the stages after it see each payment
+                // once when it runs exactly once.
+                enabled: file
+                    .dedup
+                    .enabled
+                    .unwrap_or(matches!(service, Service::Payment)),
+                max_keys: file.dedup.max_keys.unwrap_or(100_000),
+                window: file.dedup.window.unwrap_or(Duration::from_secs(24 * 3600)),
+                changelog,
+            },
         };
         if config.commit_max_records == 0 {
             return Err(invalid(
@@ -943,6 +984,13 @@ impl StageConfig {
                 "must be at least 1s",
             ));
         }
+        if config.dedup.max_keys == 0 {
+            return Err(invalid(&origin, "dedup.max_keys", "must be positive"));
+        }
+        if config.dedup.window < Duration::from_secs(1) {
+            return Err(invalid(&origin, "dedup.window", "must be at least 1s"));
+        }
+        topic_name(&origin, "dedup.changelog", &config.dedup.changelog)?;
         Ok(config)
     }
 }

@@ -310,6 +310,83 @@ pub async fn ensure_topics(
     Ok(created)
 }
 
+/// How many partitions a topic has. Blocking metadata call, run off the async workers.
+pub async fn topic_partitions(common: &Common, topic: &str) -> Result<usize, KafkaError> {
+    let client: BaseProducer = base_config(common).create()?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let metadata = client
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .filter(|n| *n > 0)
+            .ok_or(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}
+
+/// Creates a stage's changelog of handled keys if it is missing: compacted (the latest
+/// entry of a key is what counts) and deleted past the dedup window, with as many
+/// partitions as the input topic, whose partitions it restores one for one. An existing
+/// one with another partition count is refused: it would restore the wrong keys. Says
+/// whether it was created.
+pub async fn ensure_changelog(
+    common: &Common,
+    name: &str,
+    partitions: usize,
+    window: Duration,
+) -> Result<bool, String> {
+    let failed = |e: KafkaError| format!("changelog {name}: {e}");
+    let created = if common.topics.create {
+        create_changelog(common, name, partitions, window)
+            .await
+            .map_err(failed)?
+    } else {
+        false
+    };
+    let found = topic_partitions(common, name).await.map_err(failed)?;
+    if found != partitions {
+        return Err(format!(
+            "changelog {name} has {found} partitions and the input {partitions}: they must be \
+             equal (each input partition's keys are restored from its own changelog partition)"
+        ));
+    }
+    Ok(created)
+}
+
+async fn create_changelog(
+    common: &Common,
+    name: &str,
+    partitions: usize,
+    window: Duration,
+) -> Result<bool, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(common).create()?;
+    let retention = window.as_millis().to_string();
+    let topic = NewTopic::new(
+        name,
+        i32::try_from(partitions).unwrap_or(i32::MAX),
+        TopicReplication::Fixed(common.topics.replication_factor),
+    )
+    .set("cleanup.policy", "compact,delete")
+    .set("retention.ms", &retention);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut created = false;
+    for result in admin.create_topics(&[topic], &options).await? {
+        match result {
+            Ok(_) => created = true,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(created)
+}
+
 /// A header's value as text: `None` when absent, `Err` when present but not UTF-8 (or null).
 pub fn header_str<'a, H: Headers>(headers: &'a H, name: &str) -> Option<Result<&'a str, String>> {
     // The last occurrence wins, as in Kafka's own `Headers.lastHeader`.

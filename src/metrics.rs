@@ -41,6 +41,8 @@ pub struct Metrics {
     pub cannot_deliver: IntGauge,
     pub late_acks: IntCounter,
     pub connections: crate::serve::ConnectionMetrics,
+    pub repeats: IntCounter,
+    pub dedup_keys: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 60 s: fast paths and retried records fit in one histogram.
@@ -184,6 +186,14 @@ impl Metrics {
             cannot_deliver,
             late_acks,
             connections,
+            dedup_keys: gauge(
+                "kop_dedup_keys",
+                "Handled keys kept in memory to recognise repeats (dedup)",
+            )?,
+            repeats: single(
+                "kop_repeats_total",
+                "Records whose key was handled already (dedup): acknowledged, not handled or written again",
+            )?,
             registry,
         };
         // Create the error series at zero, so that rates and alerts see it before the first error.

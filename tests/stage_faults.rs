@@ -76,7 +76,10 @@ async fn start_on(
             .try_init();
     }
     let cluster = MockCluster::new(brokers).expect("mock cluster");
-    for topic in [IN, OUT, RETRY, DLQ] {
+    let group = unique("group");
+    // kop-payment's changelog of paid orderIds too (`[topics] create = false` below).
+    let changelog = format!("{group}.dedup-changelog");
+    for topic in [IN, OUT, RETRY, DLQ, changelog.as_str()] {
         cluster.create_topic(topic, 2, 1).expect("topic");
     }
     let bootstrap = cluster.bootstrap_servers();
@@ -91,7 +94,6 @@ async fn start_on(
             .expect("produce");
     }
     producer.flush(Duration::from_secs(10)).expect("flush");
-    let group = unique("group");
     let name = unique("pay");
     // As the stage builds it: kop-<service name>-<instance id>.
     let transactional_id = format!("kop-{name}-0");
@@ -361,6 +363,9 @@ async fn a_commit_that_fails_is_aborted_and_read_again() {
         h.aborts() >= 1.0,
         "no commit failed: the test proves nothing"
     );
+    // The aborted transaction's paid orderIds were forgotten with it: read again, its
+    // orders are paid, not taken for repeats.
+    assert_eq!(h.counter("kop_repeats_total", None), 0.0);
     assert_eq!(
         h.rebuilds(),
         0.0,
@@ -379,6 +384,7 @@ async fn a_fenced_producer_is_replaced_without_exiting() {
     );
     h.pay_all("fenced", 20).await;
     assert!(h.rebuilds() >= 1.0, "the producer was never replaced");
+    assert_eq!(h.counter("kop_repeats_total", None), 0.0);
     h.stop().await;
 }
 
@@ -675,4 +681,26 @@ fn header(message: &OwnedMessage, name: &str) -> String {
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .unwrap_or_default()
+}
+
+/// An order that arrives twice is paid once, in both guarantees; the repeat is
+/// acknowledged (its offset commits) and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_that_arrives_twice_is_paid_once() {
+    for guarantee in ["exactly-once", "at-least-once"] {
+        let h = start(guarantee, "", &[], &["twice", "twice", "once"]).await;
+        h.wait_paid(&["twice", "once"], Duration::from_secs(30))
+            .await;
+        h.wait_until("the repeat is counted", Duration::from_secs(10), |h| {
+            h.counter("kop_repeats_total", None) >= 1.0
+        })
+        .await;
+        let paid = h.read(OUT);
+        let twice = paid
+            .iter()
+            .filter(|m| m.key() == Some(b"twice".as_slice()))
+            .count();
+        assert_eq!(twice, 1, "{guarantee}: paid {twice} times");
+        h.stop().await;
+    }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kop::admin::{self, ReplayOptions};
-use kop::config::{self, ProcessEnv, Service, StageConfig};
+use kop::config::{self, Guarantee, ProcessEnv, Service, StageConfig};
 
 #[derive(Parser)]
 #[command(version, about = "Operate a kop pipeline: topics and dead letters")]
@@ -115,6 +115,10 @@ fn main() -> ExitCode {
             eprintln!("kopctl: {e}");
             ExitCode::FAILURE
         }
+        Err(Failure::Changelog(e)) => {
+            eprintln!("kopctl: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -122,6 +126,7 @@ enum Failure {
     Config(config::ConfigError),
     Kafka(rdkafka::error::KafkaError),
     Admin(admin::AdminError),
+    Changelog(String),
 }
 
 impl From<admin::AdminError> for Failure {
@@ -175,6 +180,22 @@ async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
                         "exists"
                     };
                     println!("{topic}\t{state}");
+                }
+                // Exactly-once keeps the handled keys in a compacted changelog.
+                if stage.dedup.enabled && stage.guarantee == Guarantee::ExactlyOnce {
+                    stage.common.topics.create = true;
+                    let partitions =
+                        kop::kafka::topic_partitions(&stage.common, &stage.input).await?;
+                    let created = kop::kafka::ensure_changelog(
+                        &stage.common,
+                        &stage.dedup.changelog,
+                        partitions,
+                        stage.dedup.window,
+                    )
+                    .await
+                    .map_err(Failure::Changelog)?;
+                    let state = if created { "created" } else { "exists" };
+                    println!("{}\t{state}", stage.dedup.changelog);
                 }
             }
             Ok(())

@@ -5,16 +5,17 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::partitions::Pid;
 use super::route::Target;
+use super::seen::{Seen, read_changelog};
 use crate::kafka::BrokerWatch;
 use crate::metrics::Metrics;
 
@@ -28,11 +29,24 @@ pub struct StageContext {
     brokers: BrokerWatch,
     input: String,
     metrics: Arc<Metrics>,
+    /// The handled keys, restored on assignment, when the stage keeps them.
+    dedup: Option<Dedup>,
+}
+
+/// What restoring the handled keys takes.
+pub struct Dedup {
+    pub seen: Arc<Mutex<Seen>>,
+    /// A consumer of the changelog (no group; `read_committed`).
+    pub reader: ClientConfig,
+    pub changelog: String,
+    /// Why the last restore failed, if it did: the loop cannot go on without the keys.
+    pub failed: Mutex<Option<String>>,
 }
 
 impl StageContext {
-    pub fn new(input: &str, metrics: Arc<Metrics>) -> Self {
+    pub fn new(input: &str, metrics: Arc<Metrics>, dedup: Option<Dedup>) -> Self {
         StageContext {
+            dedup,
             epoch: AtomicU64::new(0),
             revoked: Mutex::new(Vec::new()),
             input_lag: AtomicI64::new(0),
@@ -52,6 +66,58 @@ impl StageContext {
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default()
+    }
+
+    /// Why the handled keys could not be restored, if they could not.
+    pub fn restore_failed(&self) -> Option<String> {
+        let dedup = self.dedup.as_ref()?;
+        dedup.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Reads the handled keys of the assigned partitions back from the changelog, before
+    /// any of their records is handled. It blocks the poll for as long as it takes: the
+    /// window (`dedup.max_keys` per partition) bounds it.
+    fn restore(&self, partitions: &rdkafka::TopicPartitionList) {
+        let Some(dedup) = &self.dedup else { return };
+        let mut numbers: Vec<i32> = partitions
+            .elements()
+            .iter()
+            .map(|p| p.partition())
+            .collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        for partition in numbers {
+            let started = std::time::Instant::now();
+            match read_changelog(
+                &dedup.reader,
+                &dedup.changelog,
+                partition,
+                std::time::Duration::from_secs(30),
+            ) {
+                Ok(entries) => {
+                    let count = entries.len();
+                    if let Ok(mut seen) = dedup.seen.lock() {
+                        seen.restore(partition, entries, crate::event::now_ms());
+                    }
+                    info!(
+                        changelog = %dedup.changelog,
+                        partition,
+                        keys = count,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "handled keys restored"
+                    );
+                }
+                Err(e) => {
+                    error!(changelog = %dedup.changelog, partition, error = %e, "cannot restore the handled keys");
+                    if let Ok(mut failed) = dedup.failed.lock() {
+                        *failed = Some(format!(
+                            "cannot restore the handled keys of partition {partition} from {}: {e}",
+                            dedup.changelog
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     pub fn input_lag(&self) -> i64 {
@@ -109,6 +175,13 @@ impl ConsumerContext for StageContext {
                     lost = consumer.assignment_lost(),
                     "partitions revoked"
                 );
+                if let Some(dedup) = &self.dedup
+                    && let Ok(mut seen) = dedup.seen.lock()
+                {
+                    for p in partitions.elements() {
+                        seen.forget(p.partition());
+                    }
+                }
                 if let Ok(mut revoked) = self.revoked.lock() {
                     for p in partitions.elements() {
                         revoked.push((p.topic().to_string(), p.partition()));
@@ -126,6 +199,7 @@ impl ConsumerContext for StageContext {
             }
             Rebalance::Assign(partitions) => {
                 info!(partitions = partitions.count(), "partitions assigned");
+                self.restore(partitions);
             }
             Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
         }

@@ -28,12 +28,13 @@ mod held;
 mod keys;
 mod partitions;
 mod route;
+mod seen;
 mod txn;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -54,12 +55,13 @@ use crate::lifecycle::{Health, Shutdown, Watchdog, status};
 use crate::metrics::Metrics;
 use crate::retry::{self, HandlerError, RoutingState};
 
-use context::{Delivery, StageContext, Tag};
+use context::{Dedup, Delivery, StageContext, Tag};
 use health::{Progress, Verdict};
 use held::Held;
 use keys::{KeyHash, KeyQueues};
 use partitions::{Names, PartitionLog, Pid};
 use route::{OutRecord, Outcome, Router, Target};
+use seen::Seen;
 use txn::{CallDone, State, Txn};
 
 /// The most bytes of consumed records held at once (beside `max_in_flight` records).
@@ -133,6 +135,8 @@ pub enum StageError {
     Kafka(#[from] KafkaError),
     #[error("a blocking Kafka call panicked")]
     Join,
+    #[error("{0}")]
+    Dedup(String),
 }
 
 /// A record on its way through a handler.
@@ -154,7 +158,7 @@ type OffsetsCall = Pin<Box<dyn Future<Output = Result<(), String>> + Send + Sync
 struct Counters {
     consumed_input: IntCounter,
     consumed_retry: IntCounter,
-    produced: [IntCounter; 3],
+    produced: [IntCounter; 4],
     retries: IntCounter,
     dead_letters: IntCounter,
     commits: IntCounter,
@@ -172,6 +176,12 @@ impl Counters {
                 produced(config.output.as_deref().unwrap_or(&config.dlq_topic)),
                 produced(&config.retry_topic),
                 produced(&config.dlq_topic),
+                if config.dedup.enabled {
+                    produced(&config.dedup.changelog)
+                } else {
+                    // Never counted: no series for a changelog that does not exist.
+                    IntCounter::new("unused", "unused").expect("a valid name")
+                },
             ],
             retries: metrics.retries.with_label_values(&[&config.retry_topic]),
             dead_letters: metrics.dead_letters.with_label_values(&[&config.dlq_topic]),
@@ -187,6 +197,8 @@ impl Counters {
 }
 
 pub struct Stage {
+    /// The keys handled, when the stage keeps them (`[dedup]`).
+    seen: Option<Arc<Mutex<Seen>>>,
     config: StageConfig,
     handler: Arc<dyn Handler>,
     metrics: Arc<Metrics>,
@@ -259,9 +271,64 @@ impl Stage {
             info!(transactional_id, "transactions initialised");
         }
 
-        let context = StageContext::new(&config.input, metrics.clone());
+        // Exactly-once keeps the handled keys in a changelog; at-least-once in memory only.
+        let seen = config.dedup.enabled.then(|| {
+            Arc::new(Mutex::new(Seen::new(
+                config.dedup.max_keys,
+                config.dedup.window,
+            )))
+        });
+        let dedup = match &seen {
+            Some(seen) if transactional => {
+                let partitions = kafka::topic_partitions(common, &config.input).await?;
+                let retry_partitions = kafka::topic_partitions(common, &config.retry_topic).await?;
+                if retry_partitions != partitions {
+                    warn!(
+                        input = %config.input,
+                        partitions,
+                        retry = %config.retry_topic,
+                        retry_partitions,
+                        "the retry topic's partitions differ from the input's: a retry copy may \
+                         not be recognised as a repeat of an order paid meanwhile"
+                    );
+                }
+                let created = kafka::ensure_changelog(
+                    common,
+                    &config.dedup.changelog,
+                    partitions,
+                    config.dedup.window,
+                )
+                .await
+                .map_err(StageError::Dedup)?;
+                if created {
+                    info!(topic = %config.dedup.changelog, partitions, "created the changelog of handled keys");
+                }
+                let mut reader = kafka::base_config(common);
+                // Assigned, never subscribed and never committing: the group id only
+                // satisfies librdkafka's position lookup.
+                reader
+                    .set("group.id", format!("{}.restore", config.dedup.changelog))
+                    .set("isolation.level", "read_committed")
+                    .set("enable.auto.commit", "false")
+                    .set("enable.partition.eof", "false");
+                Some(Dedup {
+                    seen: seen.clone(),
+                    reader,
+                    changelog: config.dedup.changelog.clone(),
+                    failed: Mutex::new(None),
+                })
+            }
+            _ => None,
+        };
+        let context = StageContext::new(&config.input, metrics.clone(), dedup);
+        let mut consumer_config = kafka::stage_consumer_config(common, &config.group_id);
+        if config.dedup.enabled {
+            // A record and its retry copy share a partition number; the range assignor gives
+            // that partition of both topics to the same member, with its handled keys.
+            consumer_config.set("partition.assignment.strategy", "range");
+        }
         let consumer: StreamConsumer<StageContext> =
-            kafka::stage_consumer_config(common, &config.group_id).create_with_context(context)?;
+            consumer_config.create_with_context(context)?;
         consumer.subscribe(&[&config.input, &config.retry_topic])?;
         let consumer = Arc::new(consumer);
 
@@ -275,6 +342,7 @@ impl Stage {
         .map_err(|_| StageError::Join)??;
 
         Ok(Stage {
+            seen,
             router: Router::new(&config),
             progress: Progress::new(config.stall_timeout, Instant::now()),
             config,
@@ -356,6 +424,13 @@ impl Stage {
             }
             // A rebalance may have run inside the consumer's poll above.
             self.follow_rebalance();
+            if let Some(why) = self.consumer.context().restore_failed() {
+                // Without the handled keys a repeat could be paid twice: better not at all,
+                // until systemd has started the stage again.
+                error!(reason = %why, "stopping");
+                self.close().await;
+                return Err(StageError::Dedup(why));
+            }
             self.release();
             self.commit();
             if let Some(deadline) = drain_until {
@@ -575,6 +650,19 @@ impl Stage {
         if log.generation() != work.generation {
             return; // its partition was rewound: it is read again
         }
+        if work.routing.is_ok()
+            && let Some(key) = work.record.key.as_deref()
+            && self.is_repeat(work.pid, key)
+        {
+            self.repeated(work.pid, work.record.offset, key);
+            if let Some(log) = self.logs.get_mut(&work.pid) {
+                log.finish(work.record.offset, Outcome::nothing());
+            }
+            return;
+        }
+        let Some(log) = self.logs.get_mut(&work.pid) else {
+            return;
+        };
         let failure_rate = self.simulate.read().map(|s| s.failure_rate).unwrap_or(0.0);
         let simulated_failure = failure_rate > 0.0 && rand::random_bool(failure_rate.min(1.0));
         let offset = work.record.offset;
@@ -595,6 +683,29 @@ impl Stage {
         }
         outcome.solo = work.solo;
         log.finish(offset, outcome);
+    }
+
+    /// Whether the key was handled already, within the dedup window.
+    fn is_repeat(&self, pid: Pid, key: &[u8]) -> bool {
+        let Some(seen) = &self.seen else {
+            return false;
+        };
+        let partition = self.names.name(pid).1;
+        seen.lock()
+            .map(|seen| seen.contains(partition, key, now_ms()))
+            .unwrap_or(false)
+    }
+
+    fn repeated(&self, pid: Pid, offset: i64, key: &[u8]) {
+        self.metrics.repeats.inc();
+        let (topic, partition) = self.names.name(pid);
+        debug!(
+            topic,
+            partition,
+            offset,
+            order_id = %String::from_utf8_lossy(key),
+            "a repeat of a handled key: acknowledged, not handled again"
+        );
     }
 
     // ---- output --------------------------------------------------------------------
@@ -651,13 +762,26 @@ impl Stage {
                 return true;
             };
             let target = record.target;
+            // The authority on repeats: two copies may have been handled at once (an order
+            // and its retry copy), but only one output is released.
+            let dedup_key = match (&self.seen, target, &record.key) {
+                (Some(_), Target::Output, Some(key)) => Some(key.clone()),
+                _ => None,
+            };
+            if let Some(key) = &dedup_key
+                && self.is_repeat(pid, key)
+            {
+                self.repeated(pid, offset, key);
+                self.released(pid, offset, None, false);
+                return true;
+            }
             let kept_headers = (!self.txn.is_transactional()).then(|| record.headers.clone());
             match self.send(pid, offset, record) {
                 Ok(record) => {
                     match target {
                         Target::Retry => self.counters.retries.inc(),
                         Target::DeadLetter => self.counters.dead_letters.inc(),
-                        Target::Output => {}
+                        Target::Output | Target::Changelog => {}
                     }
                     if outcome.truncated {
                         self.metrics.dlq_truncated.inc();
@@ -668,6 +792,9 @@ impl Stage {
                         outcome
                     });
                     self.released(pid, offset, kept, true);
+                    if let Some(key) = dedup_key {
+                        return self.remember(pid, offset, key);
+                    }
                     return true;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
@@ -695,6 +822,41 @@ impl Stage {
                     self.progress.failed(&format!("cannot produce: {e}"));
                     return false;
                 }
+            }
+        }
+    }
+
+    /// Keeps the key of a released output: pending until its record commits, and written
+    /// to the changelog in the same transaction (exactly-once).
+    fn remember(&mut self, pid: Pid, offset: i64, key: Vec<u8>) -> bool {
+        let Some(seen) = &self.seen else {
+            return true;
+        };
+        let now = now_ms();
+        let partition = self.names.name(pid).1;
+        if let Ok(mut seen) = seen.lock() {
+            seen.insert_pending(pid, offset, partition, &key, now);
+        }
+        if !self.txn.is_transactional() {
+            return true;
+        }
+        let record = OutRecord {
+            target: Target::Changelog,
+            key: Some(key),
+            value: Some(seen::encode_at(now).into_bytes()),
+            headers: OwnedHeaders::new(),
+        };
+        // Into the changelog partition that restores this input partition.
+        match self.send_to(pid, offset, record, Some(partition)) {
+            Ok(_) => {
+                self.txn.include(pid, offset + 1, true);
+                true
+            }
+            Err((e, _)) => {
+                // The output went without its key: the transaction must not commit.
+                warn!(error = %e, "cannot write a handled key to the changelog");
+                self.txn.doom(format!("cannot write to the changelog: {e}"));
+                false
             }
         }
     }
@@ -730,6 +892,18 @@ impl Stage {
         offset: i64,
         record: OutRecord,
     ) -> Result<OutRecord, (KafkaError, OutRecord)> {
+        self.send_to(pid, offset, record, None)
+    }
+
+    /// Like `send`, to a given partition of the target topic.
+    #[allow(clippy::result_large_err)]
+    fn send_to(
+        &self,
+        pid: Pid,
+        offset: i64,
+        record: OutRecord,
+        partition: Option<i32>,
+    ) -> Result<OutRecord, (KafkaError, OutRecord)> {
         let OutRecord {
             target,
             key,
@@ -750,6 +924,9 @@ impl Stage {
         }
         if let Some(key) = &key {
             base = base.key(key.as_slice());
+        }
+        if let Some(partition) = partition {
+            base = base.partition(partition);
         }
         match self.txn.producer().send(base) {
             Ok(()) => Ok(OutRecord {
@@ -881,6 +1058,11 @@ impl Stage {
                     // Acknowledged records are durable: they leave the log now, and a
                     // failed commit is covered by the next one.
                     log.committed(next);
+                    if let Some(seen) = &self.seen
+                        && let Ok(mut seen) = seen.lock()
+                    {
+                        seen.durable(*pid, next);
+                    }
                     let pid = *pid;
                     self.refused.retain(|(p, o), _| *p != pid || *o >= next);
                 }
@@ -922,6 +1104,11 @@ impl Stage {
                 for (pid, next) in offsets {
                     if let Some(log) = self.logs.get_mut(&pid) {
                         log.committed(next);
+                    }
+                    if let Some(seen) = &self.seen
+                        && let Ok(mut seen) = seen.lock()
+                    {
+                        seen.durable(pid, next);
                     }
                     self.refused.retain(|(p, o), _| *p != pid || *o >= next);
                 }
@@ -997,6 +1184,11 @@ impl Stage {
                 })
                 .unwrap_or_else(|| log.base());
             log.rewind_to(base, generation);
+            if let Some(seen) = &self.seen
+                && let Ok(mut seen) = seen.lock()
+            {
+                seen.rewound(*pid);
+            }
             targets.push((*pid, base));
         }
         self.keys.clear();
@@ -1035,6 +1227,11 @@ impl Stage {
     // ---- health --------------------------------------------------------------------
 
     fn on_tick(&mut self, watchdog: &mut Watchdog, health: &Health) {
+        if let Some(seen) = &self.seen
+            && let Ok(seen) = seen.lock()
+        {
+            self.metrics.dedup_keys.set(seen.len() as i64);
+        }
         if let State::Broken { retry_at } = self.txn.state()
             && Instant::now() >= *retry_at
         {

@@ -27,6 +27,8 @@ pub enum Target {
     Output,
     Retry,
     DeadLetter,
+    /// The changelog of the handled keys (`seen.rs`).
+    Changelog,
 }
 
 #[derive(Debug)]
@@ -61,7 +63,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    #[cfg(test)]
+    /// Nothing to write: the last stage's outcome, or a repeat's.
     pub fn nothing() -> Self {
         Outcome {
             record: None,
@@ -79,6 +81,7 @@ impl Outcome {
 
 /// The stage's topics and policies, as far as one record's fate needs them.
 pub struct Router {
+    changelog: String,
     output: Option<String>,
     retry_topic: String,
     dlq_topic: String,
@@ -97,6 +100,7 @@ impl Router {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
         Router {
+            changelog: config.dedup.changelog.clone(),
             output: config.output.clone(),
             retry_topic: config.retry_topic.clone(),
             dlq_topic: config.dlq_topic.clone(),
@@ -111,6 +115,7 @@ impl Router {
             Target::Output => self.output.as_deref().unwrap_or(&self.dlq_topic),
             Target::Retry => &self.retry_topic,
             Target::DeadLetter => &self.dlq_topic,
+            Target::Changelog => &self.changelog,
         }
     }
 
