@@ -7,7 +7,8 @@
 //! business); and at most `max_connections` are open. A connection over the cap closes
 //! the one that has been idle longest, and gets a 503 if none is idle: a flood of idle
 //! connections pushes out its own oldest, while a client that sends its request at once
-//! is served.
+//! is served. At most `MAX_CLOSING` are closing at once and `MAX_WAITING` wait for them,
+//! so the descriptors held stay within the cap plus 80.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -41,6 +42,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections asked to make room that have not closed yet, at most; beyond, a new
 /// connection over the cap is refused. It bounds the descriptors held over the cap.
 const MAX_CLOSING: usize = 16;
+
+/// New connections over the cap that may wait for room at once (while `MAX_CLOSING` are
+/// closing), and how long; beyond, they are refused.
+const MAX_WAITING: usize = 64;
+const ROOM_WAIT: Duration = Duration::from_secs(1);
 
 /// The answer to a connection that finds no room; it is closed after it.
 const NO_ROOM: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n\
@@ -105,6 +111,8 @@ pub async fn serve_connections<F, Fut>(
         next_id: AtomicU64::new(0),
         open: AtomicUsize::new(0),
         closing: AtomicUsize::new(0),
+        closed: Notify::new(),
+        waiting: AtomicUsize::new(0),
     });
     loop {
         let stream = tokio::select! {
@@ -121,16 +129,38 @@ pub async fn serve_connections<F, Fut>(
         };
         // Over the cap, the connection idle longest makes room: it closes within moments,
         // and the new one is served meanwhile.
-        if server.open.load(Ordering::Acquire) >= limits.max_connections
-            && !server.close_longest_idle()
-        {
-            server.refuse(stream);
-            continue;
+        let watcher = graceful.watcher();
+        if server.open.load(Ordering::Acquire) >= limits.max_connections {
+            match server.make_room() {
+                Room::Made => {}
+                Room::Full => {
+                    server.refuse(stream);
+                    continue;
+                }
+                // Enough are closing already: wait a moment for them, a few at a time.
+                Room::Closing if server.waiting.load(Ordering::Acquire) < MAX_WAITING => {
+                    server.waiting.fetch_add(1, Ordering::AcqRel);
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        let made = tokio::time::timeout(ROOM_WAIT, server.wait_for_room()).await;
+                        server.waiting.fetch_sub(1, Ordering::AcqRel);
+                        if made == Ok(true) {
+                            let (id, state) = server.admit();
+                            server.serve(stream, watcher, id, state).await;
+                        } else {
+                            server.refuse(stream);
+                        }
+                    });
+                    continue;
+                }
+                Room::Closing => {
+                    server.refuse(stream);
+                    continue;
+                }
+            }
         }
-        let _ = stream.set_nodelay(true);
         // Counted before the task runs, so that a burst of connections sees the cap.
         let (id, state) = server.admit();
-        let watcher = graceful.watcher();
         let server = server.clone();
         tokio::spawn(async move { server.serve(stream, watcher, id, state).await });
     }
@@ -156,6 +186,30 @@ struct Server<F> {
     open: AtomicUsize,
     /// Connections asked to make room, not closed yet.
     closing: AtomicUsize,
+    /// Notified when one of them has closed.
+    closed: Notify,
+    /// New connections waiting for room.
+    waiting: AtomicUsize,
+}
+
+impl<F> Server<F> {
+    /// A connection asked to make room has closed, or will not.
+    fn stopped_closing(&self, state: &ConnectionState) {
+        if state.closing.swap(false, Ordering::AcqRel) {
+            self.closing.fetch_sub(1, Ordering::AcqRel);
+            self.closed.notify_waiters();
+        }
+    }
+}
+
+/// What asking for room gave.
+enum Room {
+    /// The connection idle longest was asked to close.
+    Made,
+    /// `MAX_CLOSING` are closing already.
+    Closing,
+    /// None is idle.
+    Full,
 }
 
 impl<F, Fut> Server<F>
@@ -199,13 +253,11 @@ where
         if let Some(m) = &self.metrics {
             m.open.inc();
         }
-        let cut = watch_connection(connection, &state, self.limits, &self.closing).await;
+        let cut = watch_connection(connection, &state, self.limits, self).await;
         if let Ok(mut connections) = self.connections.lock() {
             connections.remove(&id);
         }
-        if state.closing.swap(false, Ordering::AcqRel) {
-            self.closing.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.stopped_closing(&state);
         self.open.fetch_sub(1, Ordering::AcqRel);
         if let Some(m) = &self.metrics {
             m.open.dec();
@@ -217,24 +269,39 @@ where
 
     /// Asks the connection idle longest to close, if one is idle; says whether one was.
     /// O(open connections), and only when the cap is reached.
-    fn close_longest_idle(&self) -> bool {
+    fn make_room(&self) -> Room {
         if self.closing.load(Ordering::Acquire) >= MAX_CLOSING {
-            return false;
+            return Room::Closing;
         }
         let Ok(connections) = self.connections.lock() else {
-            return false;
+            return Room::Full;
         };
         let longest = connections
             .values()
             .filter(|c| c.is_idle() && !c.closing.load(Ordering::Acquire))
             .min_by_key(|c| c.idle_since.load(Ordering::Acquire));
         let Some(connection) = longest else {
-            return false;
+            return Room::Full;
         };
         connection.closing.store(true, Ordering::Release);
         self.closing.fetch_add(1, Ordering::AcqRel);
         connection.close.notify_one();
-        true
+        Room::Made
+    }
+
+    /// Makes room once fewer connections are closing; false if none is idle.
+    async fn wait_for_room(&self) -> bool {
+        loop {
+            let closed = self.closed.notified();
+            let mut closed = std::pin::pin!(closed);
+            // Listening before looking: a close in between is not missed.
+            closed.as_mut().enable();
+            match self.make_room() {
+                Room::Made => return true,
+                Room::Full => return false,
+                Room::Closing => closed.await,
+            }
+        }
     }
 
     /// No room: a short answer, then the connection is closed.
@@ -249,11 +316,11 @@ where
 
 /// Serves one connection, closing it when a limit is reached or when room is asked for
 /// and it is idle. Returns whether it was cut off.
-async fn watch_connection<C: Future>(
+async fn watch_connection<C: Future, F>(
     connection: C,
     state: &ConnectionState,
     limits: Limits,
-    closing: &AtomicUsize,
+    server: &Server<F>,
 ) -> bool {
     let mut connection = std::pin::pin!(connection);
     let every = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
@@ -275,9 +342,7 @@ async fn watch_connection<C: Future>(
                     debug!("closing the connection idle longest, to make room");
                     return true;
                 }
-                if state.closing.swap(false, Ordering::AcqRel) {
-                    closing.fetch_sub(1, Ordering::AcqRel);
-                }
+                server.stopped_closing(state);
             }
         }
     }

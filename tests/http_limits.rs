@@ -241,9 +241,10 @@ async fn thousands_of_idle_connections_and_a_flood_over_the_cap_stay_bounded() {
     );
     assert!(open <= 100.0, "{open} connections open over a cap of 100");
     assert!(still <= 100, "{still} connections of the flood still open");
-    // The cap, and at most 16 in passing (asked to make room, not closed yet).
+    // The cap, at most 16 in passing (asked to make room, not closed yet) and 64 waiting
+    // for them.
     assert!(
-        fds_peak <= fds_before + 100 + 16 + 2,
+        fds_peak <= fds_before + 100 + 16 + 64 + 8,
         "descriptors {fds_before} → {fds_peak}"
     );
     assert!(rss_flood.saturating_sub(rss_before) < 64 * 1024);
