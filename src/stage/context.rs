@@ -86,35 +86,37 @@ impl StageContext {
             .collect();
         numbers.sort_unstable();
         numbers.dedup();
-        for partition in numbers {
-            let started = std::time::Instant::now();
-            match read_changelog(
-                &dedup.reader,
-                &dedup.changelog,
-                partition,
-                std::time::Duration::from_secs(30),
-            ) {
-                Ok(entries) => {
-                    let count = entries.len();
-                    if let Ok(mut seen) = dedup.seen.lock() {
-                        seen.restore(partition, entries, crate::event::now_ms());
+        let started = std::time::Instant::now();
+        match read_changelog(
+            &dedup.reader,
+            &dedup.changelog,
+            &numbers,
+            std::time::Duration::from_secs(30),
+        ) {
+            Ok(restored) => {
+                let now = crate::event::now_ms();
+                let mut keys = 0;
+                if let Ok(mut seen) = dedup.seen.lock() {
+                    for (partition, entries) in restored {
+                        keys += entries.len();
+                        seen.restore(partition, entries, now);
                     }
-                    info!(
-                        changelog = %dedup.changelog,
-                        partition,
-                        keys = count,
-                        took_ms = started.elapsed().as_millis() as u64,
-                        "handled keys restored"
-                    );
                 }
-                Err(e) => {
-                    error!(changelog = %dedup.changelog, partition, error = %e, "cannot restore the handled keys");
-                    if let Ok(mut failed) = dedup.failed.lock() {
-                        *failed = Some(format!(
-                            "cannot restore the handled keys of partition {partition} from {}: {e}",
-                            dedup.changelog
-                        ));
-                    }
+                info!(
+                    changelog = %dedup.changelog,
+                    partitions = ?numbers,
+                    keys,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "handled keys restored"
+                );
+            }
+            Err(e) => {
+                error!(changelog = %dedup.changelog, partitions = ?numbers, error = %e, "cannot restore the handled keys");
+                if let Ok(mut failed) = dedup.failed.lock() {
+                    *failed = Some(format!(
+                        "cannot restore the handled keys of partitions {numbers:?} from {}: {e}",
+                        dedup.changelog
+                    ));
                 }
             }
         }

@@ -153,35 +153,43 @@ pub fn encode_at(at_ms: u64) -> String {
     at_ms.to_string()
 }
 
-/// Reads one changelog partition from its start to its end (committed records only).
-/// Blocking; a tombstone or an unreadable value forgets the key.
+/// Reads changelog partitions from their start to their end (committed records only), with
+/// one client for all of them. Blocking; a tombstone or an unreadable value forgets the key.
 pub fn read_changelog(
     config: &ClientConfig,
     topic: &str,
-    partition: i32,
+    partitions: &[i32],
     timeout: Duration,
-) -> Result<Vec<Entry>, KafkaError> {
+) -> Result<HashMap<i32, Vec<Entry>>, KafkaError> {
     let consumer: BaseConsumer = config.create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
-    let mut latest: HashMap<Box<[u8]>, u64> = HashMap::new();
-    if high <= low {
-        return Ok(Vec::new());
-    }
+    let mut ends = HashMap::new();
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&list)?;
+    let mut latest: HashMap<i32, HashMap<Box<[u8]>, u64>> = HashMap::new();
+    for &partition in partitions {
+        latest.insert(partition, HashMap::new());
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        if high > low {
+            ends.insert(partition, high);
+            list.add_partition_offset(topic, partition, Offset::Beginning)?;
+        }
+    }
+    if !ends.is_empty() {
+        consumer.assign(&list)?;
+    }
     let deadline = std::time::Instant::now() + timeout;
-    loop {
+    while !ends.is_empty() {
         // The end may be a transaction marker, which is never delivered: the position
         // says when everything before it was read.
-        let position = consumer
-            .position()?
-            .find_partition(topic, partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
-        if position.is_some_and(|p| p >= high) {
+        for element in consumer.position()?.elements_for_topic(topic) {
+            if let Offset::Offset(position) = element.offset()
+                && ends
+                    .get(&element.partition())
+                    .is_some_and(|end| position >= *end)
+            {
+                ends.remove(&element.partition());
+            }
+        }
+        if ends.is_empty() {
             break;
         }
         if std::time::Instant::now() >= deadline {
@@ -192,22 +200,30 @@ pub fn read_changelog(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 let Some(key) = message.key() else { continue };
+                let Some(keys) = latest.get_mut(&message.partition()) else {
+                    continue;
+                };
                 let at = message
                     .payload()
                     .and_then(|v| std::str::from_utf8(v).ok())
                     .and_then(|v| v.parse::<u64>().ok());
                 match at {
-                    Some(at) => latest.insert(key.into(), at),
-                    None => latest.remove(key),
+                    Some(at) => keys.insert(key.into(), at),
+                    None => keys.remove(key),
                 };
             }
             Some(Err(e)) => return Err(e),
             None => {}
         }
     }
-    let mut entries: Vec<_> = latest.into_iter().collect();
-    entries.sort_by_key(|(_, at)| *at);
-    Ok(entries)
+    Ok(latest
+        .into_iter()
+        .map(|(partition, keys)| {
+            let mut entries: Vec<Entry> = keys.into_iter().collect();
+            entries.sort_by_key(|(_, at)| *at);
+            (partition, entries)
+        })
+        .collect())
 }
 
 #[cfg(test)]
