@@ -8,7 +8,7 @@
 //! finite; a full queue answers 503 at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::OrderConfig;
 use crate::event::{Order, OrderCreated, now_ms};
@@ -36,8 +36,15 @@ use crate::serve::Limits;
 /// How often a blocked API renews its STATUS line.
 const STATUS_RENEWAL: Duration = Duration::from_secs(5);
 
+/// Blocked this long with a broker that answers a fresh client, the producer is taken for
+/// stuck and replaced (and again at most this often).
+const REPLACE_AFTER: Duration = Duration::from_secs(15);
+
+type OrderProducer = FutureProducer<OrderContext>;
+
 pub struct OrderApi {
-    producer: FutureProducer<OrderContext>,
+    /// Replaced when it no longer delivers to a broker that is back (see `watch`).
+    producer: RwLock<OrderProducer>,
     config: OrderConfig,
     metrics: Arc<Metrics>,
     outcomes: Arc<Outcomes>,
@@ -45,6 +52,26 @@ pub struct OrderApi {
     /// Set while the health check finds that orders cannot be delivered: requests are then
     /// refused at once rather than after `produce_timeout`.
     blocked: AtomicBool,
+}
+
+/// `stalled` (`[simulate] stall`, for the first producer only) makes a producer that holds
+/// its records for 15 minutes: it stands in for one that does not resume after a broker
+/// restart, which the health check must replace.
+fn new_producer(
+    config: &OrderConfig,
+    brokers: &Arc<BrokerWatch>,
+    stalled: bool,
+) -> Result<OrderProducer, KafkaError> {
+    let mut producer_config = kafka::order_producer_config(&config.common, config.max_pending);
+    if stalled {
+        warn!("simulate.stall is set: the first producer holds its records");
+        producer_config
+            .set("linger.ms", "900000")
+            .set("message.timeout.ms", "1000000");
+    }
+    producer_config.create_with_context(OrderContext {
+        brokers: brokers.clone(),
+    })
 }
 
 /// The producer's callbacks: only its connections matter here. (The producer wraps its
@@ -223,19 +250,14 @@ impl OrderApi {
             }
         }
         let brokers = Arc::new(BrokerWatch::default());
-        let producer: FutureProducer<OrderContext> =
-            kafka::order_producer_config(common, config.max_pending).create_with_context(
-                OrderContext {
-                    brokers: brokers.clone(),
-                },
-            )?;
+        let producer = new_producer(&config, &brokers, config.common.simulate.stall)?;
         let probe = producer.clone();
         let topic = config.topic.clone();
         tokio::task::spawn_blocking(move || kafka::require_topics(probe.client(), &[&topic]))
             .await
             .map_err(|_| KafkaError::Canceled)??;
         Ok(Arc::new(OrderApi {
-            producer,
+            producer: RwLock::new(producer),
             config,
             metrics,
             outcomes: Arc::default(),
@@ -259,12 +281,21 @@ impl OrderApi {
         let mut judge = DeliveryHealth::new(self.config.produce_timeout, self.config.stall_timeout);
         // While blocked, STATUS is renewed now and then (its seconds count), not every tick.
         let mut status_sent = Instant::now();
+        let mut blocked_since: Option<Instant> = None;
+        let mut replaced_at: Option<Instant> = None;
+        let mut replacing: Option<tokio::task::JoinHandle<Option<OrderProducer>>> = None;
         loop {
             tokio::select! {
                 _ = shutdown.wait() => return None,
                 _ = tick.tick() => {}
             }
-            let verdict = match self.producer.client().fatal_error() {
+            if let Some(task) = replacing.take_if(|task| task.is_finished())
+                && let Ok(Some(fresh)) = task.await
+            {
+                self.replace_producer(fresh);
+                replaced_at = Some(Instant::now());
+            }
+            let verdict = match self.producer().client().fatal_error() {
                 // An idempotent producer that lost track of its sequence cannot go on.
                 Some((code, reason)) => {
                     Verdict::GiveUp(format!("the producer hit a fatal error: {code}: {reason}"))
@@ -275,6 +306,7 @@ impl OrderApi {
             match verdict {
                 Verdict::Delivering => {
                     watchdog.ping();
+                    blocked_since = None;
                     if was_blocked {
                         info!("delivering orders again");
                         self.set_blocked(false, &health);
@@ -291,6 +323,13 @@ impl OrderApi {
                         warn!(reason = %why, "cannot deliver orders; answering 503 until Kafka takes them again");
                         self.set_blocked(true, &health);
                     }
+                    let since = *blocked_since.get_or_insert_with(Instant::now);
+                    let due =
+                        |at: Option<Instant>| at.is_none_or(|at| at.elapsed() >= REPLACE_AFTER);
+                    if since.elapsed() >= REPLACE_AFTER && due(replaced_at) && replacing.is_none() {
+                        replaced_at = Some(Instant::now());
+                        replacing = Some(self.spawn_replacement());
+                    }
                 }
                 Verdict::GiveUp(why) => {
                     error!(reason = %why, "giving up: exiting for the service manager to start kop-order again");
@@ -303,6 +342,44 @@ impl OrderApi {
         }
     }
 
+    fn producer(&self) -> OrderProducer {
+        match self.producer.read() {
+            Ok(producer) => producer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A producer that has not delivered for `REPLACE_AFTER` while a fresh client reaches
+    /// the cluster is stuck (librdkafka has been seen not to resume after a broker restart
+    /// until its next re-bootstrap): a new one is built. Nothing is built while the cluster
+    /// does not answer, so an outage causes no churn.
+    fn spawn_replacement(&self) -> tokio::task::JoinHandle<Option<OrderProducer>> {
+        let config = self.config.clone();
+        let brokers = self.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            kafka::probe(&config.common).ok()?;
+            new_producer(&config, &brokers, false)
+                .inspect_err(|e| warn!(error = %e, "cannot build a new producer"))
+                .ok()
+        })
+    }
+
+    fn replace_producer(&self, fresh: OrderProducer) {
+        let old = match self.producer.write() {
+            Ok(mut producer) => std::mem::replace(&mut *producer, fresh),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
+        };
+        let dropped = old.in_flight_count();
+        warn!(
+            dropped,
+            "the broker answers but the producer delivers nothing: replaced it; the orders it \
+             held were answered 503 and are dropped"
+        );
+        self.metrics.producer_rebuilds.inc();
+        // Destroying a client waits for its threads: not on an async worker.
+        tokio::task::spawn_blocking(move || drop(old));
+    }
+
     fn set_blocked(&self, blocked: bool, health: &Health) {
         self.blocked.store(blocked, Ordering::Release);
         health.set_ready(!blocked);
@@ -313,7 +390,7 @@ impl OrderApi {
         Observation {
             unreachable: self.brokers.unreachable_for(now_ms()),
             connection_error: self.brokers.last_error(),
-            waiting: u64::try_from(self.producer.in_flight_count()).unwrap_or(0),
+            waiting: u64::try_from(self.producer().in_flight_count()).unwrap_or(0),
             acks: self.outcomes.acks.load(Ordering::Relaxed),
             failures: self.outcomes.failures.load(Ordering::Relaxed),
             last_failure: self
@@ -339,7 +416,7 @@ impl OrderApi {
             async move { Ok(api.handle(req).await) }
         })
         .await;
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     }
 
@@ -520,7 +597,7 @@ impl OrderApi {
             .key(&order_id)
             .payload(&payload)
             .headers(headers);
-        match self.producer.send_result(record) {
+        match self.producer().send_result(record) {
             Ok(delivery) => Ok((order_id, delivery)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(
                 Refusal::unavailable("too many orders waiting for Kafka; retry later"),
@@ -555,7 +632,8 @@ impl OrderApi {
                         "order stored after its 503 answer"
                     );
                 }
-                Err((e, _)) => warn!(order_id, error = %e, "order not stored"),
+                // Many at once when a stuck producer is replaced: counted, and at debug.
+                Err((e, _)) => debug!(order_id, error = %e, "order not stored"),
             }
         });
     }

@@ -113,8 +113,9 @@ impl DeliveryHealth {
         if let Some(since) = self.waiting_since {
             let waited = now.saturating_duration_since(since);
             if waited >= self.produce_timeout {
+                let orders = if seen.waiting == 1 { "order" } else { "orders" };
                 return Some(format!(
-                    "{} orders waiting for Kafka, none acknowledged for {}s",
+                    "{} {orders} waiting for Kafka, none acknowledged for {}s",
                     seen.waiting,
                     waited.as_secs()
                 ));

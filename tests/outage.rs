@@ -346,3 +346,45 @@ async fn a_stage_waits_for_an_unreachable_broker_and_says_why() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
     pipeline.daemons.clear();
 }
+
+/// A producer that delivers nothing while the broker answers other clients is replaced,
+/// without a restart. `[simulate] stall` makes kop-order's first producer hold its records.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_that_delivers_nothing_is_replaced() {
+    let mut pipeline = Pipeline::new();
+    let config = "[simulate]\nstall = true\n[http]\nproduce_timeout = \"1s\"\n";
+    pipeline.start_with_config("order", &[], config).await;
+    let port = pipeline.order_port;
+    let (pid, metrics_port) = {
+        let daemon = pipeline.daemon("order");
+        (daemon.pid(), daemon.metrics_port)
+    };
+    let (status, body) = post_order(port, "held", 1.0).await;
+    assert_eq!(status, 503, "the stalled producer cannot deliver: {body}");
+    assert!(body.contains("may still be stored"), "{body}");
+    within(Duration::from_secs(15), || async {
+        readyz(metrics_port).await == 503
+    })
+    .await
+    .expect("not ready while the producer holds its records");
+
+    let replaced = within(Duration::from_secs(60), || async {
+        post_order(port, &unique("after"), 1.0).await.0 == 202
+    })
+    .await;
+    let daemon = pipeline.daemon("order");
+    assert!(
+        replaced.is_some(),
+        "no order accepted after a minute:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.log_text().contains("replaced it"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.pid(), pid, "the same process");
+    let metrics = daemon.metrics().await;
+    assert_eq!(metric(&metrics, "kop_producer_rebuilds_total", &[]), 1.0);
+    assert_eq!(readyz(metrics_port).await, 200);
+}
