@@ -63,6 +63,10 @@ let
 
   kafkaAfter = lib.optional cfg.local.enable "apache-kafka.service";
 
+  # The address of the local platform's Kafka (local.enable), which listens on the
+  # loopback address only, and the default of kafka.brokers: the same string.
+  localKafka = "127.0.0.1:${toString ports.kafka}";
+
   settingsOption =
     name:
     mkOption {
@@ -98,11 +102,14 @@ in
 
     kafka.brokers = mkOption {
       type = types.str;
-      default = "localhost:${toString ports.kafka}";
+      # What local.enable starts: its Kafka listens on 127.0.0.1 only (not on ::1, which
+      # "localhost" may resolve to first).
+      default = localKafka;
       example = "kafka1:9092,kafka2:9092";
       description = ''
         Kafka bootstrap servers (`host:port`, comma-separated) of all four daemons: the
-        default of `settings.<daemon>.kafka."bootstrap.servers"`.
+        default of `settings.<daemon>.kafka."bootstrap.servers"`. The default is the
+        Kafka of {option}`services.kop.local.enable`, on the loopback address.
       '';
     };
 
@@ -191,10 +198,10 @@ in
             "controller"
           ];
           listeners = [
-            "PLAINTEXT://127.0.0.1:${toString ports.kafka}"
+            "PLAINTEXT://${localKafka}"
             "CONTROLLER://127.0.0.1:${toString ports.kafkaController}"
           ];
-          "advertised.listeners" = [ "PLAINTEXT://127.0.0.1:${toString ports.kafka}" ];
+          "advertised.listeners" = [ "PLAINTEXT://${localKafka}" ];
           "listener.security.protocol.map" = [
             "PLAINTEXT:PLAINTEXT"
             "CONTROLLER:PLAINTEXT"
