@@ -1,7 +1,9 @@
 # NixOS module: services.kop — the four kop daemons as systemd services, each running a
 # TOML configuration generated from `settings` and checked at build time by the daemon's
 # own `--check-config`; `local.enable` adds a single-host Kafka (KRaft), Prometheus with
-# kminion and Grafana.
+# kminion and Grafana. Secrets stay out of the Nix store: per daemon, `credentials` and
+# `configFile` (systemd LoadCredential=) and `environmentFile` (EnvironmentFile=) name
+# files that systemd reads when the daemon starts.
 #
 # flake.nix imports this file as `nixosModules.default`, applied to the flake itself: the
 # package option defaults to the flake's own package (no overlay, so it also works where
@@ -67,6 +69,122 @@ let
   # loopback address only, and the default of kafka.brokers: the same string.
   localKafka = "127.0.0.1:${toString ports.kafka}";
 
+  # A file that systemd reads when the daemon starts. A string, not a Nix path: a path
+  # literal such as ./kafka.key would be copied into the world-readable store, and a string
+  # naming a store path is refused (lib.types.addCheck, as nixpkgs' lib/types.nix builds
+  # its own checked types).
+  runtimeFile =
+    types.addCheck types.str (
+      file:
+      lib.hasPrefix "/" file
+      && !lib.hasPrefix "${builtins.storeDir}/" file
+      && !lib.hasInfix "\n" file
+    )
+    // {
+      name = "runtimeFile";
+      description = "absolute path outside the Nix store, as a string";
+      descriptionClass = "noun";
+    };
+
+  # Where systemd puts the credentials of a system service: systemd.exec(5), "Credentials":
+  # "the path may also be referenced as /run/credentials/UNITNAME in cases where no
+  # interpolation is possible, e.g. configuration files" — as the TOML file is.
+  credentialsDirectory = name: "/run/credentials/${unitName name}.service";
+
+  # The credential under which `configFile` is handed over (as in README's drop-in).
+  configCredential = name: "${name}.toml";
+
+  # Per daemon: the files that never enter the store.
+  secretOptions = name: {
+    credentials = mkOption {
+      type = types.attrsOf runtimeFile;
+      default = { };
+      example = {
+        "kafka.key" = "/run/keys/kop-kafka.key";
+        "kafka.crt" = "/run/keys/kop-kafka.crt";
+      };
+      description = ''
+        Files handed to kop-${name} as systemd credentials (`LoadCredential=<name>:<file>`):
+        when the daemon starts, systemd (as root, so the file may be readable by root only)
+        copies each file to
+        {option}`services.kop.${name}.credentialsDirectory`/<name>, readable by the
+        daemon's dynamic user only. Name that copy in `settings`, for librdkafka properties
+        that take a file: `kafka."ssl.key.location"`, `"ssl.certificate.location"`,
+        `"ssl.ca.location"`, `"sasl.kerberos.keytab"`. The paths are strings, so the files
+        never enter the Nix store. A password (`sasl.password`) is not a file: use
+        {option}`services.kop.${name}.configFile`.
+      '';
+    };
+
+    credentialsDirectory = mkOption {
+      type = types.str;
+      readOnly = true;
+      default = credentialsDirectory name;
+      description = ''
+        Where kop-${name} finds its {option}`services.kop.${name}.credentials` (read-only):
+        `''${config.services.kop.${name}.credentialsDirectory}/kafka.key` in `settings`.
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.nullOr runtimeFile;
+      default = null;
+      example = "/run/keys/kop-${name}.toml";
+      description = ''
+        The whole configuration of kop-${name} (a TOML file with the keys of
+        etc/kop/${name}.toml) from a file outside the Nix store, for what must not be in
+        the world-readable store, such as `kafka."sasl.password"`. Handed over as the
+        credential `${configCredential name}` and run with
+        `--config ''${CREDENTIALS_DIRECTORY}/${configCredential name}`, instead of the file
+        generated from `settings.${name}`, which then has no effect and nothing is checked
+        at build time: the daemon checks the file when it starts and exits 78 on an error.
+        systemd copies the file at each start: a change applies on restart, not on reload.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr runtimeFile;
+      default = null;
+      example = "/run/keys/kop-${name}.env";
+      description = ''
+        An `EnvironmentFile=` of kop-${name} (`NAME=value` lines), read by systemd (as root)
+        when the daemon starts, never copied into the Nix store. The variables override the
+        configuration as the README's table says (`KAFKA_BROKERS`, `KOP_INSTANCE_ID`,
+        `LOG_LEVEL`, …). No librdkafka property comes from the environment: a password or
+        key goes in {option}`services.kop.${name}.configFile` or
+        {option}`services.kop.${name}.credentials`.
+      '';
+    };
+  };
+
+  # LoadCredential= lines of a daemon: its credentials, and its configFile if any.
+  loadCredentials =
+    name:
+    let
+      daemon = cfg.${name};
+    in
+    lib.mapAttrsToList (id: file: "${id}:${file}") (
+      daemon.credentials
+      // lib.optionalAttrs (daemon.configFile != null) { ${configCredential name} = daemon.configFile; }
+    );
+
+  # systemd.exec(5): "The ID must be a short ASCII string suitable as filename".
+  credentialAssertions =
+    name:
+    let
+      daemon = cfg.${name};
+    in
+    map (id: {
+      assertion = builtins.match "[A-Za-z0-9_.@-]+" id != null && id != "." && id != "..";
+      message = "services.kop.${name}.credentials: `${id}` is not a credential name (letters, digits, `_.@-`).";
+    }) (builtins.attrNames daemon.credentials)
+    ++ [
+      {
+        assertion = daemon.configFile == null || !(daemon.credentials ? ${configCredential name});
+        message = "services.kop.${name}: the credential `${configCredential name}` is services.kop.${name}.configFile; give the other one another name.";
+      }
+    ];
+
   settingsOption =
     name:
     mkOption {
@@ -89,7 +207,7 @@ let
     };
 in
 {
-  options.services.kop = {
+  options.services.kop = lib.genAttrs names secretOptions // {
     enable = mkEnableOption "kop, the Kafka Order Platform (kop-order, kop-payment, kop-inventory, kop-notification)";
 
     package = mkOption {
@@ -148,9 +266,20 @@ in
 
       environment.systemPackages = [ cfg.package ];
 
+      assertions = lib.concatMap credentialAssertions names;
+
       systemd.services = lib.listToAttrs (
         map (
           name:
+          let
+            daemon = cfg.${name};
+            configPath =
+              if daemon.configFile == null then
+                checkedConfigFile name
+              else
+                # Expanded by systemd, as in README's LoadCredential= drop-in.
+                "\${CREDENTIALS_DIRECTORY}/${configCredential name}";
+          in
           lib.nameValuePair (unitName name) {
             description = "kop ${name} daemon";
             wantedBy = [ "kop.target" ];
@@ -161,9 +290,12 @@ in
             # setting can be overridden without mkForce.
             serviceConfig = lib.mapAttrs (_: mkDefault) (removeAttrs unit.serviceConfig [ "Type" ]) // {
               Type = "notify";
-              ExecStart = "${cfg.package}/bin/kop-${name} --config ${checkedConfigFile name}";
+              ExecStart = "${cfg.package}/bin/kop-${name} --config ${configPath}";
               # SIGHUP re-reads the configuration (log level, [simulate]).
               ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+              # Read by systemd when the daemon starts; never in the store.
+              LoadCredential = mkIf (loadCredentials name != [ ]) (loadCredentials name);
+              EnvironmentFile = mkIf (daemon.environmentFile != null) daemon.environmentFile;
             };
           }
         ) names
