@@ -138,6 +138,15 @@ ensure_shellcheck() {
 	export KOP_SHELLCHECK=$venv/bin/shellcheck
 }
 
+# The NixOS test driver's build lints the VM test's Python script with pyflakes
+# (nixos/lib/testing/driver.nix); tests/nix_files.rs runs the same check.
+PYFLAKES_VERSION=3.4.0
+ensure_pyflakes() {
+	local venv=${KOP_PYFLAKES_VENV:-$HOME/.cache/kop/pyflakes-venv}
+	pip_tool "$venv" pyflakes "$PYFLAKES_VERSION" pyflakes "^$PYFLAKES_VERSION "
+	export KOP_PYFLAKES=$venv/bin/pyflakes
+}
+
 # ---------------------------------------------------------------------------
 # broker
 
@@ -233,6 +242,7 @@ main() {
 	ensure_rust
 	ensure_schemathesis
 	ensure_shellcheck
+	ensure_pyflakes
 
 	# Stop the broker on every way out. INT/TERM turn into a normal exit so
 	# the EXIT handler runs exactly once (bash runs it after the current

@@ -13,6 +13,11 @@
 //!   and must pass `bash -n` and the ShellCheck release nixpkgs builds it with (0.11 or
 //!   later, `KOP_SHELLCHECK`; scripts/test.sh installs it from PyPI): any finding there
 //!   fails the Nix build.
+//! - the Python test script of the NixOS VM test (nix/vm-test.nix) is evaluated with
+//!   stand-ins, and must compile (`python3 -m py_compile`) and pass pyflakes with the
+//!   test driver's symbols as builtins, as the driver's build lints it
+//!   (`KOP_PYFLAKES`; scripts/test.sh installs pyflakes from PyPI). The driver's mypy
+//!   check is not run here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -452,5 +457,129 @@ fn the_platform_app_passes_the_checks_nix_builds_it_with() {
         check.status.success(),
         "ShellCheck finds what fails `nix build .#platform`:\n{}",
         String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+/// nix/vm-test.nix called with stand-ins: runNixOSTest returns its arguments, and the
+/// testScript function gets the one value of `nodes` it reads (the read-only option
+/// services.kop.payment.credentialsDirectory, as nix/module.nix defines it).
+const VM_TEST_SCRIPT: &str = r#"
+let
+  test = import ./nix/vm-test.nix {
+    pkgs = {
+      lib.mapAttrsToList = f: attrs: map (n: f n attrs.${n}) (builtins.attrNames attrs);
+      testers.runNixOSTest = args: args;
+    };
+    self = { };
+  };
+in
+test.testScript {
+  nodes.machine.services.kop.payment.credentialsDirectory = "/run/credentials/kop-payment.service";
+}
+"#;
+
+/// What the test driver defines for a test script, which pyflakes is told are builtins:
+/// the machine (one node: `machine`) and the general symbols of `Driver.test_symbols()`
+/// (nixpkgs nixos/lib/test-driver/src/test_driver/driver.py), as nixos/lib/testing/
+/// driver.nix passes them in PYFLAKES_BUILTINS.
+const DRIVER_SYMBOLS: &[&str] = &[
+    "machine",
+    "start_all",
+    "test_script",
+    "machines_qemu",
+    "machines_nspawn",
+    "vlans",
+    "driver",
+    "log",
+    "os",
+    "create_machine",
+    "subtest",
+    "run_tests",
+    "join_all",
+    "retry",
+    "serial_stdout_off",
+    "serial_stdout_on",
+    "polling_condition",
+    "BaseMachine",
+    "t",
+    "debug",
+];
+
+/// pyflakes: `KOP_PYFLAKES`, else where scripts/test.sh installs it, else on PATH.
+fn pyflakes() -> std::ffi::OsString {
+    if let Some(program) = std::env::var_os("KOP_PYFLAKES") {
+        return program;
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    match home.map(|h| h.join(".cache/kop/pyflakes-venv/bin/pyflakes")) {
+        Some(venv) if venv.exists() => venv.into_os_string(),
+        _ => "pyflakes".into(),
+    }
+}
+
+/// Runs pyflakes on a file as the test driver's build does; returns (success, report).
+fn run_pyflakes(file: &Path) -> (bool, String) {
+    let program = pyflakes();
+    let output = Command::new(&program)
+        .arg(file)
+        .env("PYFLAKES_BUILTINS", DRIVER_SYMBOLS.join(","))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): scripts/test.sh installs pyflakes (PyPI) and sets \
+                 KOP_PYFLAKES",
+                program.to_string_lossy()
+            )
+        });
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), report)
+}
+
+#[test]
+fn the_vm_test_script_passes_the_checks_the_test_driver_build_runs() {
+    let json = nix_instantiate(&[
+        "--eval",
+        "--strict",
+        "--json",
+        "--readonly-mode",
+        "-E",
+        VM_TEST_SCRIPT,
+    ]);
+    let script: String = serde_json::from_str(&json).expect("the test script is a string");
+    assert!(
+        script.contains("machine.start()") && script.contains("def assert_drained("),
+        "not the VM test script:\n{script}"
+    );
+    let dir = std::env::temp_dir().join(format!("kop-nix-vm-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("test_script.py");
+    std::fs::write(&path, &script).expect("script");
+
+    let compile = Command::new("python3")
+        .args(["-m", "py_compile"])
+        .arg(&path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        compile.status.success(),
+        "the VM test script is not valid Python:\n{}",
+        String::from_utf8_lossy(&compile.stderr)
+    );
+
+    // pyflakes itself must find what it is there for: a name the driver does not define.
+    let broken = dir.join("broken.py");
+    std::fs::write(&broken, "machine.succeed(undefined_name)\n").expect("broken script");
+    let (passed, report) = run_pyflakes(&broken);
+    assert!(
+        !passed && report.contains("undefined_name") && !report.contains("'machine'"),
+        "pyflakes does not check as the test driver's build does:\n{report}"
+    );
+
+    let (passed, report) = run_pyflakes(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        passed,
+        "pyflakes finds what fails the build of the VM test (checks.<system>.vm):\n{report}"
     );
 }
