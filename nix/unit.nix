@@ -1,5 +1,7 @@
 # The [Service] section shared by the four units in systemd/ (kop-<name>.service), as
-# NixOS `serviceConfig`. The NixOS module adds ExecStart and ExecReload (store paths).
+# NixOS `serviceConfig`. The NixOS module adds ExecStart and ExecReload (store paths),
+# and LoadCredential= and EnvironmentFile= from its per-daemon options (the units show
+# them as commented drop-in lines).
 #
 # Plain data, no nixpkgs: tests/nix_files.rs evaluates this file with
 # `nix-instantiate --eval` and fails when it differs from the [Service] section of any
