@@ -9,8 +9,9 @@
 #   - systemd-analyze verify prints nothing; systemd-analyze security rates each unit
 #     at most 2.0 (MAX_EXPOSURE);
 #   - kop.target, enabled, starts the four daemons at boot; "systemctl stop kop.target"
-#     stops them all (none failed); "systemctl start kop.target" returns once all four
-#     are active (Type=notify: they sent READY=1); each answers /readyz on its metrics port;
+#     stops them all, each exiting 0 by itself after its drain (not killed by the signal);
+#     "systemctl start kop.target" returns once all four are active (Type=notify: they
+#     sent READY=1); each answers /readyz on its metrics port;
 #   - orders posted to the API on the host reach the last topic, each exactly once;
 #     "journalctl -u kop-payment ORDER_ID=<id>" finds an order;
 #   - "systemctl reload" (SIGHUP) re-reads the configuration;
@@ -441,12 +442,18 @@ assert_all() { # assert_all STATE: each daemon is in it right now
 	done
 }
 
+# Each daemon drained: it exited by itself with status 0. systemd also counts a process
+# killed by SIGTERM as Result=success, so the exit code is checked too (ExecMainCode 1 is
+# CLD_EXITED; 2 would be killed by the signal).
 assert_stopped_cleanly() {
 	wait_state 60 inactive "${UNITS[@]}"
-	local unit result
+	local unit result code status
 	for unit in "${UNITS[@]}"; do
 		result=$(prop "$unit" Result)
-		[[ $result == success ]] || die "$unit stopped with Result=$result"
+		code=$(prop "$unit" ExecMainCode)
+		status=$(prop "$unit" ExecMainStatus)
+		[[ $result == success && $code == 1 && $status == 0 ]] ||
+			die "$unit stopped with Result=$result ExecMainCode=$code ExecMainStatus=$status, not an exit 0 after draining"
 	done
 }
 
@@ -518,7 +525,7 @@ check_target() {
 	log "kop.target (enabled) started all four daemons at boot"
 	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
 	assert_stopped_cleanly
-	log "systemctl stop kop.target: all four inactive, none failed"
+	log "systemctl stop kop.target: all four inactive, each exited 0 after draining"
 	in_container timeout 150 systemctl start kop.target || die "systemctl start kop.target failed"
 	# kop.target is ordered after the daemons: the start returns once each sent READY=1.
 	assert_all active
@@ -727,7 +734,7 @@ main() {
 
 	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
 	assert_stopped_cleanly
-	log "systemctl stop kop.target: all four inactive, none failed"
+	log "systemctl stop kop.target: all four inactive, each exited 0 after draining"
 }
 
 main "$@"
