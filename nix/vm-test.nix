@@ -16,7 +16,7 @@ pkgs.testers.runNixOSTest {
   name = "kop";
 
   nodes.machine =
-    { lib, ... }:
+    { pkgs, lib, ... }:
     {
       imports = [ self.nixosModules.default ];
 
