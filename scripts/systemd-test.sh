@@ -13,7 +13,8 @@
 #     "systemctl start kop.target" returns once all four are active (Type=notify: they
 #     sent READY=1); each answers /readyz on its metrics port;
 #   - orders posted to the API on the host reach the last topic, each exactly once;
-#     "journalctl -u kop-payment ORDER_ID=<id>" finds an order;
+#     "journalctl -u kop-payment ORDER_ID=<id>" finds an order once the level is raised
+#     to debug at run time (systemctl reload);
 #   - "systemctl reload" (SIGHUP) re-reads the configuration;
 #   - kop-payment killed with SIGKILL is restarted by systemd (NRestarts grows), and the
 #     orders posted while it was down and after it came back all arrive;
@@ -551,6 +552,18 @@ $(grep '^process_' "$RUN_DIR/metrics")"
 }
 
 check_orders_and_journal() {
+	# A handled record's line is at debug: follow orders as the README says, by raising
+	# kop-payment's level at run time.
+	local config=$RUN_DIR/root/etc/kop/payment.toml since
+	sed -i 's/^level = "info"$/level = "info,kop=debug"/' "$config"
+	grep -q '^level = "info,kop=debug"$' "$config" || die "no [log] level = \"info\" to raise in $config"
+	since=$(in_container date +%s)
+	in_container systemctl reload kop-payment || die "systemctl reload kop-payment failed"
+	local ready=$((SECONDS + 10))
+	until in_container journalctl --no-pager -o cat -u kop-payment --since "@$since" | grep -q 'configuration reloaded'; do
+		((SECONDS < ready)) || die "kop-payment did not log 'configuration reloaded' after raising its level"
+		sleep 0.3
+	done
 	post_orders first 10
 	expect_all_delivered
 	local id=$PREFIX-first-3 out deadline=$((SECONDS + 20))

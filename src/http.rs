@@ -549,7 +549,7 @@ impl OrderApi {
                     .produced
                     .with_label_values(&[&self.config.topic])
                     .inc();
-                info!(
+                debug!(
                     order_id,
                     topic = %self.config.topic,
                     partition = delivery.partition,

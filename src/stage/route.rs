@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use rdkafka::message::{Headers, OwnedHeaders};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::{Handled, Handler, Inbound};
 use crate::config::{RetryConfig, StageConfig};
@@ -140,7 +140,9 @@ impl Router {
         duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(handled) => {
-                info!(
+                // One line per record: at debug, or a busy stage outruns journald's rate
+                // limit; counters tell the rest.
+                debug!(
                     order_id = %handled.order_id,
                     topic = %source.topic,
                     partition = source.partition,
