@@ -95,13 +95,58 @@ pub struct Report {
     pub achieved_rps: f64,
     /// Answers by HTTP status; "error" for requests that got no answer.
     pub status: BTreeMap<String, u64>,
+    /// Requests that got an HTTP answer, whatever its status.
+    pub answered: u64,
+    /// Latency of the accepted requests (202), from each one's due time; refusals and
+    /// requests without an answer are counted by status, not mixed in here.
     pub latency_ms: Percentiles,
+    /// Requests that started more than `LATE` after their due time because every client
+    /// was busy: the latency above includes that wait, which is the client's, not the
+    /// server's. Open loop only.
+    pub started_late: u64,
+    pub max_start_lag_ms: f64,
     pub e2e: Option<EndToEnd>,
+}
+
+/// A request that starts this long after its due time fell behind the schedule.
+const LATE: Duration = Duration::from_millis(10);
+
+impl Report {
+    /// What went wrong, if anything: requests without an answer or with a status other
+    /// than 202 and 503 (a refusal under load is an answer), and accepted orders that did
+    /// not arrive.
+    pub fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        let odd: Vec<String> = self
+            .status
+            .iter()
+            .filter(|(status, _)| !matches!(status.as_str(), "202" | "503"))
+            .map(|(status, n)| format!("{n} × {status}"))
+            .collect();
+        if !odd.is_empty() {
+            failures.push(format!("requests failed: {}", odd.join(", ")));
+        }
+        if self.sent > 0 && !self.status.contains_key("202") {
+            failures.push("no order was accepted".into());
+        }
+        if let Some(e2e) = &self.e2e
+            && e2e.arrived < e2e.accepted
+        {
+            failures.push(format!(
+                "{} of {} accepted orders did not reach {}",
+                e2e.accepted - e2e.arrived,
+                e2e.accepted,
+                e2e.topic
+            ));
+        }
+        failures
+    }
 }
 
 struct Tally {
     latency: Histogram<u64>,
     status: BTreeMap<String, u64>,
+    answered: u64,
     accepted: Vec<(String, u64)>,
 }
 
@@ -148,8 +193,11 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
     let tally = Arc::new(Mutex::new(Tally {
         latency: histogram(),
         status: BTreeMap::new(),
+        answered: 0,
         accepted: Vec::new(),
     }));
+    let mut started_late = 0u64;
+    let mut max_start_lag = Duration::ZERO;
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let started = Instant::now();
     let deadline = started + config.duration;
@@ -179,6 +227,13 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         if config.rps <= 0.0 && Instant::now() >= deadline {
             break;
         }
+        if config.rps > 0.0 {
+            let lag = due.elapsed();
+            if lag > LATE {
+                started_late += 1;
+                max_start_lag = max_start_lag.max(lag);
+            }
+        }
         let (client, url, tally) = (client.clone(), url.clone(), tally.clone());
         let order_id = format!("{run_id}-{n}");
         tasks.spawn(async move {
@@ -186,12 +241,15 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
             let latency = due.elapsed();
             drop(slot);
             let mut tally = tally.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = tally.latency.record((latency.as_micros() as u64).max(1));
             let key = match result {
-                Ok(status) => status.to_string(),
+                Ok(status) => {
+                    tally.answered += 1;
+                    status.to_string()
+                }
                 Err(_) => "error".to_string(),
             };
             if key == "202" {
+                let _ = tally.latency.record((latency.as_micros() as u64).max(1));
                 tally.accepted.push((order_id, now_ms()));
             }
             *tally.status.entry(key).or_default() += 1;
@@ -212,12 +270,7 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         .map_err(|_| "requests still running".to_string())?
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
-    let answered: u64 = tally
-        .status
-        .iter()
-        .filter(|(k, _)| *k != "error")
-        .map(|(_, v)| v)
-        .sum();
+    let answered = tally.answered;
     let e2e = match (e2e, &config.e2e) {
         (Some(reader), Some(e2e_config)) => Some(reader.finish(&tally.accepted, e2e_config).await),
         _ => None,
@@ -235,7 +288,10 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         elapsed_s: elapsed.as_secs_f64(),
         achieved_rps: answered as f64 / elapsed.as_secs_f64().max(f64::EPSILON),
         status: tally.status,
+        answered,
         latency_ms: Percentiles::of(&tally.latency),
+        started_late,
+        max_start_lag_ms: max_start_lag.as_secs_f64() * 1000.0,
         e2e,
     })
 }
@@ -245,29 +301,29 @@ async fn print_progress(tally: Arc<Mutex<Tally>>, started: Instant) {
     let mut last = 0u64;
     loop {
         tick.tick().await;
-        let (done, p99, errors) = {
+        let (answered, p99, refused, unanswered) = {
             let t = tally.lock().unwrap_or_else(|e| e.into_inner());
-            let errors: u64 = t
-                .status
-                .iter()
-                .filter(|(k, _)| !k.starts_with('2'))
-                .map(|(_, v)| v)
-                .sum();
+            let count = |f: &dyn Fn(&str) -> bool| -> u64 {
+                t.status.iter().filter(|(k, _)| f(k)).map(|(_, v)| v).sum()
+            };
             (
-                t.latency.len(),
+                t.answered,
                 t.latency.value_at_quantile(0.99) as f64 / 1000.0,
-                errors,
+                count(&|k| k != "202" && k != "error"),
+                count(&|k| k == "error"),
             )
         };
+        // The same words as the summary: "answered" is every HTTP answer.
         eprint!(
-            "\r{:>6.0}s  {:>8} answered  {:>7}/s  p99 {:>8.1} ms  non-2xx {:>6}   ",
+            "\r{:>6.0}s  {:>8} answered  {:>7}/s  p99(202) {:>8.1} ms  not 202 {:>6}  no answer {:>6}   ",
             started.elapsed().as_secs_f64(),
-            done,
-            done - last,
+            answered,
+            answered - last,
             p99,
-            errors
+            refused,
+            unanswered
         );
-        last = done;
+        last = answered;
     }
 }
 
@@ -395,8 +451,8 @@ pub fn render(report: &Report) -> String {
         }
     );
     out += &format!(
-        "requests  {} sent in {:.1} s, {:.1} answered/s\n",
-        report.sent, report.elapsed_s, report.achieved_rps
+        "requests  {} sent in {:.1} s, {} answered ({:.1}/s)\n",
+        report.sent, report.elapsed_s, report.answered, report.achieved_rps
     );
     let statuses: Vec<String> = report
         .status
@@ -404,13 +460,26 @@ pub fn render(report: &Report) -> String {
         .map(|(k, v)| format!("{k}: {v}"))
         .collect();
     out += &format!("status    {}\n", statuses.join("  "));
-    out += &format!("latency   {}\n", p(&report.latency_ms));
+    out += &format!("latency   {} (202 only)\n", p(&report.latency_ms));
+    if report.started_late > 0 {
+        out += &format!(
+            "client    fell behind: {} of {} requests started more than {} ms late (up to \
+             {:.0} ms), every client busy; the latency includes that wait: raise --concurrency\n",
+            report.started_late,
+            report.sent,
+            LATE.as_millis(),
+            report.max_start_lag_ms
+        );
+    }
     if let Some(e2e) = &report.e2e {
         out += &format!(
             "e2e       {}/{} orders reached {} ({} duplicates), {:.1}/s\n",
             e2e.arrived, e2e.accepted, e2e.topic, e2e.duplicates, e2e.throughput
         );
         out += &format!("e2e lat.  {}\n", p(&e2e.latency_ms));
+    }
+    for failure in report.failures() {
+        out += &format!("FAILED    {failure}\n");
     }
     out
 }

@@ -84,6 +84,52 @@ async fn open_loop_and_max_rate_with_end_to_end_latency() {
     assert!(out.contains("status    202: "), "{out}");
     assert!(!out.contains("error"), "{out}");
     assert!(out.contains("p99.9"), "{out}");
+    assert!(
+        !out.contains("fell behind"),
+        "closed loop never falls behind: {out}"
+    );
+
+    // One client cannot keep 2,000 requests a second: it says so, and that the latency
+    // includes its own wait. Every order is still accepted, so the run succeeds.
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        kop_load(&[
+            "--rps",
+            "2000",
+            "--duration",
+            "1",
+            "--concurrency",
+            "1",
+            "--url",
+            &url,
+        ])
+    });
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("client    fell behind: "), "{out}");
+    assert!(out.contains("raise --concurrency"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_requests_fail_exits_non_zero() {
+    let mut pipeline = Pipeline::new();
+    pipeline.start("order", &[]).await;
+    // Nobody listens: no request gets an answer.
+    let nowhere = format!("http://127.0.0.1:{}/order", free_port());
+    // The wrong path: every answer is a 404.
+    let wrong = format!("http://127.0.0.1:{}/orders", pipeline.order_port);
+    for (url, expected) in [(&nowhere, "error"), (&wrong, "404")] {
+        let (code, out, err) = tokio::task::block_in_place(|| {
+            kop_load(&["--rps", "20", "--duration", "1", "--url", url, "--json"])
+        });
+        assert_eq!(code, 1, "{url}: {out}\n{err}");
+        assert!(err.contains("requests failed"), "{err}");
+        assert!(err.contains("no order was accepted"), "{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).expect("JSON summary");
+        assert_eq!(report["status"][expected], 20, "{out}");
+        // Failures are counted by status, not mixed into the latency.
+        assert_eq!(report["latency_ms"]["count"], 0, "{out}");
+        let answered = if expected == "error" { 0 } else { 20 };
+        assert_eq!(report["answered"], answered, "{out}");
+    }
 }
 
 #[test]

@@ -7,7 +7,13 @@ use clap::Parser;
 use kop::load::{self, E2eConfig, LoadConfig};
 
 #[derive(Parser)]
-#[command(version, about = "Load generator for the kop order API")]
+#[command(
+    version,
+    about = "Load generator for the kop order API",
+    after_help = "Exit status: 0 when every request was answered 202 or 503 and some were \
+                  accepted (and, with --e2e, every accepted order arrived); 1 otherwise; \
+                  2 for bad flags."
+)]
 struct Args {
     /// Requests per second (open loop: each request is due at its time, answered or not).
     #[arg(long, default_value_t = 10.0)]
@@ -97,7 +103,15 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", load::render(&report));
             }
-            ExitCode::SUCCESS
+            let failures = report.failures();
+            if failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                for failure in failures {
+                    eprintln!("kop-load: {failure}");
+                }
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("kop-load: {e}");
