@@ -124,12 +124,30 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
-    #[error("{origin}: key `{key}`: {reason}")]
+    #[error("{}", describe_invalid(origin, key, reason))]
     Invalid {
         origin: Origin,
         key: String,
         reason: String,
     },
+}
+
+/// A variable is its own key: it is named once.
+fn describe_invalid(origin: &Origin, key: &str, reason: &str) -> String {
+    match origin {
+        Origin::Env(var) if *var == key => format!("{origin}: {reason}"),
+        _ => format!("{origin}: key `{key}`: {reason}"),
+    }
+}
+
+/// Where a value came from: a variable if it was set, else the file (or the defaults),
+/// with the key to name for each.
+fn source_of(env: &dyn Env, var: &'static str, origin: &Origin, key: &str) -> (Origin, String) {
+    if env.get(var).is_some() {
+        (Origin::Env(var), var.to_string())
+    } else {
+        (origin.clone(), key.to_string())
+    }
 }
 
 /// Settings every daemon has.
@@ -772,7 +790,8 @@ impl OrderConfig {
             .get("ORDER_TOPIC")
             .or(http.topic)
             .unwrap_or_else(|| "orders.created".into());
-        topic_name(&origin, "http.topic", &topic)?;
+        let (topic_origin, topic_key) = source_of(env, "ORDER_TOPIC", &origin, "http.topic");
+        topic_name(&topic_origin, &topic_key, &topic)?;
         let config = OrderConfig {
             common,
             listen,
@@ -869,14 +888,26 @@ impl StageConfig {
                     .unwrap_or_else(|| default.into()),
             ),
         };
-        for (key, name) in [
-            ("stage.input", Some(&input)),
-            ("stage.retry_topic", Some(&retry_topic)),
-            ("stage.dlq_topic", Some(&dlq_topic)),
-            ("stage.output", output.as_ref()),
+        for (var, key, name) in [
+            (Some(wiring.input_var), "stage.input", Some(&input)),
+            (
+                Some(wiring.retry_var),
+                "stage.retry_topic",
+                Some(&retry_topic),
+            ),
+            (Some(wiring.dlq_var), "stage.dlq_topic", Some(&dlq_topic)),
+            (
+                wiring.output.map(|(var, _)| var),
+                "stage.output",
+                output.as_ref(),
+            ),
         ] {
             if let Some(name) = name {
-                topic_name(&origin, key, name)?;
+                let (origin, key) = match var {
+                    Some(var) => source_of(env, var, &origin, key),
+                    None => (origin.clone(), key.to_string()),
+                };
+                topic_name(&origin, &key, name)?;
             }
         }
         let distinct: std::collections::BTreeSet<_> = [&input, &retry_topic, &dlq_topic]
@@ -917,7 +948,17 @@ impl StageConfig {
                 })?;
         }
         if retry.max_attempts < 1 {
-            return Err(invalid(&origin, "retry.max_attempts", "must be at least 1"));
+            let (origin, key) = source_of(
+                env,
+                "MAX_PROCESSING_ATTEMPTS",
+                &origin,
+                "retry.max_attempts",
+            );
+            return Err(invalid(
+                &origin,
+                &key,
+                format!("`{}`: must be at least 1", retry.max_attempts),
+            ));
         }
         if retry.delays.is_empty() {
             return Err(invalid(&origin, "retry.delays", "needs at least one delay"));

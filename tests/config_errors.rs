@@ -223,6 +223,12 @@ fn bad_environment_value_names_the_variable() {
         ("payment", "RETRY_DELAYS_MS", "100,soon"),
         ("order", "PORT", "eighty"),
         ("notification", "METRICS_PORT", "99999"),
+        // Values that parse but break a rule checked later: still the variable's fault.
+        ("payment", "MAX_PROCESSING_ATTEMPTS", "0"),
+        ("order", "ORDER_TOPIC", "bad topic!"),
+        ("payment", "ORDER_TOPIC", "bad topic!"),
+        ("inventory", "INVENTORY_RESERVED_TOPIC", "no/slashes"),
+        ("notification", "INVENTORY_DLQ_TOPIC", "x y"),
     ] {
         let config = repo().join(format!("etc/kop/{service}.toml"));
         let outcome = run(service, &["--config", path_str(&config)], &[(var, value)]);
@@ -248,6 +254,12 @@ fn bad_environment_value_names_the_variable() {
         assert!(
             !outcome.stderr.contains(path_str(&config)),
             "{}",
+            outcome.stderr
+        );
+        assert_eq!(
+            outcome.stderr.matches(var).count(),
+            1,
+            "the variable is named once:\n{}",
             outcome.stderr
         );
     }
