@@ -169,6 +169,30 @@ pub struct Common {
     pub origin: Origin,
 }
 
+impl Common {
+    /// The sections that differ, leaving out what a reload applies (the log level, and
+    /// `[simulate]` where `simulate_reloads`).
+    fn restart_differences(&self, fresh: &Common, simulate_reloads: bool) -> Vec<&'static str> {
+        [
+            (
+                "service",
+                self.service_name != fresh.service_name || self.instance_id != fresh.instance_id,
+            ),
+            ("log.format", self.log.format != fresh.log.format),
+            ("metrics", self.metrics_listen != fresh.metrics_listen),
+            ("kafka", self.kafka != fresh.kafka),
+            ("topics", self.topics != fresh.topics),
+            (
+                "simulate",
+                !simulate_reloads && self.simulate != fresh.simulate,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(section, differs)| differs.then_some(section))
+        .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     /// A tracing filter directive such as `info` or `info,kop=debug`.
@@ -766,6 +790,18 @@ fn topic_name(origin: &Origin, key: &str, name: &str) -> Result<(), ConfigError>
 }
 
 impl OrderConfig {
+    /// The sections of `fresh` (a reloaded file) that differ from this running
+    /// configuration and apply only at a restart (all but the log level).
+    pub fn needs_restart(&self, fresh: &OrderConfig) -> Vec<&'static str> {
+        let mut sections = self.common.restart_differences(&fresh.common, false);
+        let mut http = fresh.clone();
+        http.common = self.common.clone();
+        if http != *self {
+            sections.push("http");
+        }
+        sections
+    }
+
     pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
         let (file, origin): (OrderFile, Origin) = read_file(path)?;
         let http = file.http;
@@ -830,6 +866,26 @@ impl OrderConfig {
 }
 
 impl StageConfig {
+    /// The sections of `fresh` (a reloaded file) that differ from this running
+    /// configuration and apply only at a restart.
+    pub fn needs_restart(&self, fresh: &StageConfig) -> Vec<&'static str> {
+        let mut sections = self.common.restart_differences(&fresh.common, true);
+        let mut stage = fresh.clone();
+        stage.common = self.common.clone();
+        stage.retry = self.retry.clone();
+        stage.dedup = self.dedup.clone();
+        if stage != *self {
+            sections.push("stage");
+        }
+        if self.retry != fresh.retry {
+            sections.push("retry");
+        }
+        if self.dedup != fresh.dedup {
+            sections.push("dedup");
+        }
+        sections
+    }
+
     pub fn load(service: Service, path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
         let wiring = service
             .stage_wiring()

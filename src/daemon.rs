@@ -205,6 +205,17 @@ async fn connect_with_backoff<
     }
 }
 
+/// A reload applies the log level (and a stage's `[simulate]`); what else changed waits
+/// for a restart, and the operator is told so.
+fn not_applied(sections: &[&str]) {
+    if !sections.is_empty() {
+        warn!(
+            sections = %sections.join(", "),
+            "changed settings that apply only at a restart were not applied; restart to apply them"
+        );
+    }
+}
+
 /// `main` of a stage daemon.
 pub fn stage_main(service: Service, handler: Arc<dyn Handler>) -> ExitCode {
     let (config, path) = match load(service, |p| StageConfig::load(service, p, &ProcessEnv)) {
@@ -238,13 +249,22 @@ async fn run_stage(
     let (trigger, mut shutdown) = shutdown_channel();
     {
         let simulate = simulate.clone();
+        let running = config.clone();
         let reload = move || match StageConfig::load(service, path.as_deref(), &ProcessEnv) {
             Ok(fresh) => {
                 log.set_level(&fresh.common.log.level);
                 if let Ok(mut current) = simulate.write() {
                     *current = fresh.common.simulate.clone();
                 }
-                info!(level = %fresh.common.log.level, simulate = ?fresh.common.simulate, "configuration reloaded");
+                let s = &fresh.common.simulate;
+                info!(
+                    level = %fresh.common.log.level,
+                    simulate.failure_rate = s.failure_rate,
+                    simulate.delay = %humantime::format_duration(s.delay),
+                    simulate.stall = s.stall,
+                    "configuration reloaded"
+                );
+                not_applied(&running.needs_restart(&fresh));
             }
             Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
         };
@@ -348,10 +368,12 @@ async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
         return ExitCode::from(EX_FAILURE);
     };
     let (trigger, mut shutdown) = shutdown_channel();
+    let running = config.clone();
     let reload = move || match OrderConfig::load(path.as_deref(), &ProcessEnv) {
         Ok(fresh) => {
             log.set_level(&fresh.common.log.level);
             info!(level = %fresh.common.log.level, "configuration reloaded");
+            not_applied(&running.needs_restart(&fresh));
         }
         Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
     };

@@ -84,4 +84,31 @@ async fn sighup_applies_simulate_and_keeps_going_on_a_bad_file() {
         pid_before,
         "reloaded in place, not restarted"
     );
+
+    // Settings a reload cannot apply are named, not silently dropped.
+    std::fs::write(
+        &config_path,
+        "[simulate]\nfailure_rate = 0.0\n[retry]\nmax_attempts = 5\n[stage]\nmax_in_flight = 7\n",
+    )
+    .unwrap();
+    pipeline.daemon("payment").signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = pipeline.daemon("payment").log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("were not applied")) {
+            break line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning about settings not applied:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(line.contains("stage, retry"), "{line}");
+    let log = pipeline.daemon("payment").log_text();
+    assert!(
+        !log.contains("SimulateConfig"),
+        "settings are logged as fields, not Rust's debug format:\n{log}"
+    );
+    assert!(log.contains("simulate.failure_rate=0"), "{log}");
 }
