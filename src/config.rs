@@ -231,7 +231,7 @@ pub struct TopicsConfig {
 }
 
 /// Failure injection for demos and tests.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SimulateConfig {
     /// Probability (0..=1) that handling a record fails with a transient error.
     pub failure_rate: f64,

@@ -3,7 +3,8 @@
 //!
 //! The `main` of each binary is one call into this module.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,7 +19,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{
-    self, ConfigError, LogConfig, LogFormat, OrderConfig, ProcessEnv, Service, StageConfig,
+    self, Common, ConfigError, LogConfig, LogFormat, OrderConfig, ProcessEnv, Service,
+    SimulateConfig, StageConfig,
 };
 use crate::lifecycle::{Health, Shutdown, ShutdownTrigger, notify, shutdown_channel, status};
 use crate::metrics::Metrics;
@@ -216,9 +218,48 @@ fn not_applied(sections: &[&str]) {
     }
 }
 
-/// `main` of a stage daemon.
-pub fn stage_main(service: Service, handler: Arc<dyn Handler>) -> ExitCode {
-    let (config, path) = match load(service, |p| StageConfig::load(service, p, &ProcessEnv)) {
+/// What one kind of daemon adds to the life every daemon shares (logging, signals,
+/// metrics, waiting for Kafka, readiness, the stop): how it loads and reloads its
+/// configuration, how it connects, and what it runs once connected.
+trait Kind: Send + Sync + 'static {
+    type Config: Clone + Send + Sync + 'static;
+    type Connected;
+    type Error: std::fmt::Display;
+
+    fn service(&self) -> Service;
+    /// The `stage` label of its metrics.
+    fn label(&self) -> &str;
+    fn load(&self, path: Option<&Path>) -> Result<Self::Config, ConfigError>;
+    fn common(config: &Self::Config) -> &Common;
+    /// Takes in the configuration loaded at start, before anything runs.
+    fn configured(&self, _config: &Self::Config) {}
+    /// Applies what a reload changes beside the log level, and says what it cannot.
+    fn reloaded(&self, running: &Self::Config, fresh: &Self::Config);
+    fn connect(
+        &self,
+        config: &Self::Config,
+        metrics: &Arc<Metrics>,
+    ) -> impl Future<Output = Result<Self::Connected, Self::Error>>;
+    /// Runs until shutdown (or failure); readiness is the kind's to set.
+    fn run(
+        &self,
+        connected: Self::Connected,
+        config: &Self::Config,
+        life: Life,
+    ) -> impl Future<Output = ExitCode>;
+}
+
+/// What a running daemon is given: its readiness, the shutdown, and a way to ask for it.
+struct Life {
+    health: Arc<Health>,
+    shutdown: Shutdown,
+    trigger: ShutdownTrigger,
+}
+
+/// `main` of a daemon of any kind: parses the command line, loads the configuration (or
+/// exits 0 after `--check-config`, 78 on an error) and runs it.
+fn daemon_main<K: Kind>(kind: K) -> ExitCode {
+    let (config, path) = match load(kind.service(), |p| kind.load(p)) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
@@ -229,95 +270,227 @@ pub fn stage_main(service: Service, handler: Arc<dyn Handler>) -> ExitCode {
             return ExitCode::from(EX_FAILURE);
         }
     };
-    let code = runtime.block_on(run_stage(service, config, path, handler));
+    let code = runtime.block_on(run(Arc::new(kind), config, path));
     runtime.shutdown_timeout(Duration::from_secs(5));
     code
 }
 
-async fn run_stage(
-    service: Service,
-    config: StageConfig,
-    path: Option<PathBuf>,
-    handler: Arc<dyn Handler>,
-) -> ExitCode {
-    let Ok(log) = init_logging(&config.common.log, &format!("kop-{}", service.short_name()))
-        .inspect_err(|e| eprintln!("{e}"))
-    else {
+async fn run<K: Kind>(kind: Arc<K>, config: K::Config, path: Option<PathBuf>) -> ExitCode {
+    kind.configured(&config);
+    let common = K::common(&config);
+    let identifier = format!("kop-{}", kind.service().short_name());
+    let Ok(log) = init_logging(&common.log, &identifier).inspect_err(|e| eprintln!("{e}")) else {
         return ExitCode::from(EX_FAILURE);
     };
-    let simulate = Arc::new(RwLock::new(config.common.simulate.clone()));
     let (trigger, mut shutdown) = shutdown_channel();
-    {
-        let simulate = simulate.clone();
-        let running = config.clone();
-        let reload = move || match StageConfig::load(service, path.as_deref(), &ProcessEnv) {
+    let reload = {
+        let (kind, running) = (kind.clone(), config.clone());
+        move || match kind.load(path.as_deref()) {
             Ok(fresh) => {
-                log.set_level(&fresh.common.log.level);
-                if let Ok(mut current) = simulate.write() {
-                    *current = fresh.common.simulate.clone();
-                }
-                let s = &fresh.common.simulate;
-                info!(
-                    level = %fresh.common.log.level,
-                    simulate.failure_rate = s.failure_rate,
-                    simulate.delay = %humantime::format_duration(s.delay),
-                    simulate.stall = s.stall,
-                    "configuration reloaded"
-                );
-                not_applied(&running.needs_restart(&fresh));
+                log.set_level(&K::common(&fresh).log.level);
+                kind.reloaded(&running, &fresh);
             }
             Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
-        };
-        if let Err(e) = spawn_signals(trigger, reload) {
-            error!(error = %e, "cannot install signal handlers");
-            return ExitCode::from(EX_FAILURE);
         }
+    };
+    if let Err(e) = spawn_signals(trigger.clone(), reload) {
+        error!(error = %e, "cannot install signal handlers");
+        return ExitCode::from(EX_FAILURE);
     }
     let Some((metrics, health, server)) = start_metrics(
-        &config.common.service_name,
-        handler.stage(),
-        config.common.metrics_listen,
+        &common.service_name,
+        kind.label(),
+        common.metrics_listen,
         &shutdown,
     )
     .await
     else {
         return ExitCode::from(EX_FAILURE);
     };
-
-    let brokers = config
-        .common
+    let brokers = common
         .kafka
         .get("bootstrap.servers")
         .cloned()
         .unwrap_or_default();
-    let stage = connect_with_backoff("stage", &brokers, &mut shutdown, || {
-        Stage::connect(
-            config.clone(),
-            handler.clone(),
-            metrics.clone(),
-            simulate.clone(),
-        )
+    let connected = connect_with_backoff(&identifier, &brokers, &mut shutdown, || {
+        kind.connect(&config, &metrics)
     })
     .await;
-    let code = match stage {
+    let code = match connected {
         None => ExitCode::SUCCESS,
-        Some(stage) => {
-            health.set_ready(true);
-            notify(&[
-                NotifyState::Ready,
-                NotifyState::Status(&stage.running_line()),
-            ]);
-            info!(input = %config.input, retry = %config.retry_topic, dlq = %config.dlq_topic, output = ?config.output, group = %config.group_id, "ready");
-            match stage.run(shutdown.clone(), health.clone()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!(error = %e, "stage failed");
-                    ExitCode::from(EX_FAILURE)
-                }
-            }
+        Some(connected) => {
+            let life = Life {
+                health: health.clone(),
+                shutdown,
+                trigger,
+            };
+            kind.run(connected, &config, life).await
         }
     };
     stop_serving_metrics(&health, server, code).await
+}
+
+/// kop-payment, kop-inventory and kop-notification: a [`Stage`] around a handler.
+struct StageKind {
+    service: Service,
+    handler: Arc<dyn Handler>,
+    /// `[simulate]`, which SIGHUP changes while the stage runs.
+    simulate: Arc<RwLock<SimulateConfig>>,
+}
+
+impl Kind for StageKind {
+    type Config = StageConfig;
+    type Connected = Stage;
+    type Error = crate::stage::StageError;
+
+    fn service(&self) -> Service {
+        self.service
+    }
+
+    fn label(&self) -> &str {
+        self.handler.stage()
+    }
+
+    fn load(&self, path: Option<&Path>) -> Result<StageConfig, ConfigError> {
+        StageConfig::load(self.service, path, &ProcessEnv)
+    }
+
+    fn common(config: &StageConfig) -> &Common {
+        &config.common
+    }
+
+    fn configured(&self, config: &StageConfig) {
+        if let Ok(mut current) = self.simulate.write() {
+            *current = config.common.simulate.clone();
+        }
+    }
+
+    fn reloaded(&self, running: &StageConfig, fresh: &StageConfig) {
+        if let Ok(mut current) = self.simulate.write() {
+            *current = fresh.common.simulate.clone();
+        }
+        let s = &fresh.common.simulate;
+        info!(
+            level = %fresh.common.log.level,
+            simulate.failure_rate = s.failure_rate,
+            simulate.delay = %humantime::format_duration(s.delay),
+            simulate.stall = s.stall,
+            "configuration reloaded"
+        );
+        not_applied(&running.needs_restart(fresh));
+    }
+
+    async fn connect(
+        &self,
+        config: &StageConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Stage, crate::stage::StageError> {
+        Stage::connect(
+            config.clone(),
+            self.handler.clone(),
+            metrics.clone(),
+            self.simulate.clone(),
+        )
+        .await
+    }
+
+    async fn run(&self, stage: Stage, config: &StageConfig, life: Life) -> ExitCode {
+        life.health.set_ready(true);
+        notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(&stage.running_line()),
+        ]);
+        info!(input = %config.input, retry = %config.retry_topic, dlq = %config.dlq_topic, output = ?config.output, group = %config.group_id, "ready");
+        match stage.run(life.shutdown, life.health).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "stage failed");
+                ExitCode::from(EX_FAILURE)
+            }
+        }
+    }
+}
+
+/// kop-order: the order API.
+struct OrderKind;
+
+impl Kind for OrderKind {
+    type Config = OrderConfig;
+    type Connected = Arc<crate::http::OrderApi>;
+    type Error = rdkafka::error::KafkaError;
+
+    fn service(&self) -> Service {
+        Service::Order
+    }
+
+    fn label(&self) -> &str {
+        "order"
+    }
+
+    fn load(&self, path: Option<&Path>) -> Result<OrderConfig, ConfigError> {
+        OrderConfig::load(path, &ProcessEnv)
+    }
+
+    fn common(config: &OrderConfig) -> &Common {
+        &config.common
+    }
+
+    fn reloaded(&self, running: &OrderConfig, fresh: &OrderConfig) {
+        info!(level = %fresh.common.log.level, "configuration reloaded");
+        not_applied(&running.needs_restart(fresh));
+    }
+
+    async fn connect(
+        &self,
+        config: &OrderConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<crate::http::OrderApi>, rdkafka::error::KafkaError> {
+        crate::http::OrderApi::connect(config.clone(), metrics.clone()).await
+    }
+
+    async fn run(
+        &self,
+        api: Arc<crate::http::OrderApi>,
+        config: &OrderConfig,
+        life: Life,
+    ) -> ExitCode {
+        let listener = match crate::serve::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                error!(listen = %config.listen, error = %e, "cannot listen for the API");
+                return ExitCode::from(EX_FAILURE);
+            }
+        };
+        life.health.set_ready(true);
+        let line = format!("POST http://{}/order → {}", config.listen, config.topic);
+        notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+        info!(listen = %config.listen, topic = %config.topic, "ready");
+        let watch =
+            tokio::spawn(
+                api.clone()
+                    .watch(life.health, life.shutdown.clone(), life.trigger, line),
+            );
+        api.serve(listener, life.shutdown).await;
+        match watch.await {
+            Ok(None) => ExitCode::SUCCESS,
+            // Gave up (logged where it happened), or the health check itself failed.
+            Ok(Some(_)) | Err(_) => ExitCode::from(EX_FAILURE),
+        }
+    }
+}
+
+/// `main` of a stage daemon.
+pub fn stage_main(service: Service, handler: Arc<dyn Handler>) -> ExitCode {
+    daemon_main(StageKind {
+        service,
+        handler,
+        simulate: Arc::default(),
+    })
+}
+
+/// `main` of kop-order.
+pub fn order_main() -> ExitCode {
+    daemon_main(OrderKind)
 }
 
 async fn start_metrics(
@@ -342,93 +515,6 @@ async fn start_metrics(
         shutdown.clone(),
     ));
     Some((metrics, health, server))
-}
-
-/// `main` of kop-order.
-pub fn order_main() -> ExitCode {
-    let (config, path) = match load(Service::Order, |p| OrderConfig::load(p, &ProcessEnv)) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
-    let runtime = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::from(EX_FAILURE);
-        }
-    };
-    let code = runtime.block_on(run_order(config, path));
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    code
-}
-
-async fn run_order(config: OrderConfig, path: Option<PathBuf>) -> ExitCode {
-    let Ok(log) = init_logging(&config.common.log, "kop-order").inspect_err(|e| eprintln!("{e}"))
-    else {
-        return ExitCode::from(EX_FAILURE);
-    };
-    let (trigger, mut shutdown) = shutdown_channel();
-    let running = config.clone();
-    let reload = move || match OrderConfig::load(path.as_deref(), &ProcessEnv) {
-        Ok(fresh) => {
-            log.set_level(&fresh.common.log.level);
-            info!(level = %fresh.common.log.level, "configuration reloaded");
-            not_applied(&running.needs_restart(&fresh));
-        }
-        Err(e) => error!(error = %e, "configuration not reloaded; keeping the current one"),
-    };
-    if let Err(e) = spawn_signals(trigger.clone(), reload) {
-        error!(error = %e, "cannot install signal handlers");
-        return ExitCode::from(EX_FAILURE);
-    }
-    let Some((metrics, health, server)) = start_metrics(
-        &config.common.service_name,
-        "order",
-        config.common.metrics_listen,
-        &shutdown,
-    )
-    .await
-    else {
-        return ExitCode::from(EX_FAILURE);
-    };
-    let brokers = config
-        .common
-        .kafka
-        .get("bootstrap.servers")
-        .cloned()
-        .unwrap_or_default();
-    let api = connect_with_backoff("order API", &brokers, &mut shutdown, || {
-        crate::http::OrderApi::connect(config.clone(), metrics.clone())
-    })
-    .await;
-    let code = match api {
-        None => ExitCode::SUCCESS,
-        Some(api) => match crate::serve::bind(config.listen).await {
-            Err(e) => {
-                error!(listen = %config.listen, error = %e, "cannot listen for the API");
-                ExitCode::from(EX_FAILURE)
-            }
-            Ok(listener) => {
-                health.set_ready(true);
-                let line = format!("POST http://{}/order → {}", config.listen, config.topic);
-                notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
-                info!(listen = %config.listen, topic = %config.topic, "ready");
-                let watch = tokio::spawn(api.clone().watch(
-                    health.clone(),
-                    shutdown.clone(),
-                    trigger,
-                    line,
-                ));
-                api.serve(listener, shutdown.clone()).await;
-                match watch.await {
-                    Ok(None) => ExitCode::SUCCESS,
-                    // Gave up (logged where it happened), or the health check itself failed.
-                    Ok(Some(_)) | Err(_) => ExitCode::from(EX_FAILURE),
-                }
-            }
-        },
-    };
-    stop_serving_metrics(&health, server, code).await
 }
 
 /// After a clean stop the metrics server has seen the shutdown and ends by itself; after a
