@@ -431,23 +431,14 @@ async fn a_broker_crash_in_a_three_node_cluster_loses_no_order() {
     // the failover instead of timing it out (which would bump the producer's epoch, under
     // which a retried request can no longer be recognised as a repeat).
     let config = cluster.config();
-    let orders = pipeline.orders.clone();
     let written_ids: Vec<String> = counts.keys().cloned().collect();
-    let written = tokio::task::spawn_blocking(move || {
-        consume_until(
-            config,
-            &orders,
-            |records| {
-                let seen = count_by_order(records);
-                written_ids.iter().all(|id| seen.contains_key(id))
-            },
-            Duration::from_secs(90),
-            Duration::from_secs(3),
-        )
-    })
-    .await
-    .expect("orders reader");
-    let edge = count_by_order(&written);
+    let edge = count_until_all_seen(
+        config,
+        &pipeline.orders,
+        written_ids,
+        Duration::from_secs(90),
+    )
+    .await;
 
     let lost: Vec<_> = accepted
         .iter()
@@ -502,7 +493,7 @@ async fn a_broker_crash_in_a_three_node_cluster_loses_no_order() {
     assert!(unknown.is_empty(), "orders nobody posted: {unknown:?}");
     assert_eq!(
         records.len(),
-        written.len(),
+        edge.values().sum::<usize>(),
         "every record the API wrote reserved once"
     );
 }

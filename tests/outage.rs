@@ -274,23 +274,8 @@ async fn the_api_heals_after_each_of_several_broker_restarts_under_load() {
     // What the API stored: each accepted order once, each refused one at most once.
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &broker.address);
-    let orders = pipeline.orders.clone();
     let ids: Vec<String> = accepted.iter().map(|a| a.id.clone()).collect();
-    let stored = tokio::task::spawn_blocking(move || {
-        consume_until(
-            config,
-            &orders,
-            |records| {
-                let seen = count_by_order(records);
-                ids.iter().all(|id| seen.contains_key(id))
-            },
-            Duration::from_secs(60),
-            Duration::from_secs(3),
-        )
-    })
-    .await
-    .expect("reader");
-    let counts = count_by_order(&stored);
+    let counts = count_until_all_seen(config, &pipeline.orders, ids, Duration::from_secs(60)).await;
     let missing: Vec<_> = accepted
         .iter()
         .filter(|a| !counts.contains_key(&a.id))

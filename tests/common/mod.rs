@@ -546,6 +546,32 @@ pub fn consume_until(
     out
 }
 
+/// Reads `topic` until every one of `ids` is there (at most `timeout`), and a few seconds
+/// more for copies; how often each order appears.
+pub async fn count_until_all_seen(
+    config: ClientConfig,
+    topic: &str,
+    ids: Vec<String>,
+    timeout: Duration,
+) -> HashMap<String, usize> {
+    let topic = topic.to_string();
+    let records = tokio::task::spawn_blocking(move || {
+        consume_until(
+            config,
+            &topic,
+            |records| {
+                let seen = count_by_order(records);
+                ids.iter().all(|id| seen.contains_key(id))
+            },
+            timeout,
+            Duration::from_secs(3),
+        )
+    })
+    .await
+    .expect("reader");
+    count_by_order(&records)
+}
+
 pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     message.headers().and_then(|h| {
         h.iter()
