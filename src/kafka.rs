@@ -310,22 +310,39 @@ pub async fn ensure_topics(
     Ok(created)
 }
 
-/// How many partitions a topic has. Blocking metadata call, run off the async workers.
+/// How many partitions a topic has. A topic just created takes a moment to appear in the
+/// metadata, so it is asked for up to 10 s. Blocking calls, run off the async workers.
 pub async fn topic_partitions(common: &Common, topic: &str) -> Result<usize, KafkaError> {
     let client: BaseProducer = base_config(common).create()?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let metadata = client
-            .client()
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .filter(|n| *n > 0)
-            .ok_or(KafkaError::MetadataFetch(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-            ))
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = client
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .first()
+                        .filter(|t| t.error().is_none())
+                        .map_or(0, |t| t.partitions().len())
+                });
+            match found {
+                Ok(n) if n > 0 => return Ok(n),
+                Ok(_) | Err(KafkaError::MetadataFetch(_))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(_) => {
+                    return Err(KafkaError::MetadataFetch(
+                        RDKafkaErrorCode::UnknownTopicOrPartition,
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     })
     .await
     .map_err(|_| KafkaError::Canceled)?
