@@ -631,6 +631,54 @@ fn invalid(origin: &Origin, key: &str, reason: impl Into<String>) -> ConfigError
     }
 }
 
+/// librdkafka properties kop sets itself, because its guarantees or its health checks rest
+/// on them: a `[kafka]` value would be overridden, so it is refused.
+fn owned_kafka_keys(
+    service: Service,
+) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    const EVERY_DAEMON: &[(&str, &str)] = &[
+        ("enable.idempotence", "every producer is idempotent"),
+        (
+            "acks",
+            "every record is acknowledged by all in-sync replicas",
+        ),
+        (
+            "statistics.interval.ms",
+            "the health checks read the statistics",
+        ),
+    ];
+    const STAGES: &[(&str, &str)] = &[
+        (
+            "transactional.id",
+            "it is kop-<service.name>-<service.instance_id>",
+        ),
+        (
+            "transaction.timeout.ms",
+            "exactly-once sets it with message.timeout.ms",
+        ),
+        (
+            "message.timeout.ms",
+            "exactly-once keeps it below the transaction timeout",
+        ),
+        ("isolation.level", "a stage reads committed records only"),
+        (
+            "enable.auto.commit",
+            "offsets are committed once outcomes are durable",
+        ),
+        (
+            "enable.auto.offset.store",
+            "offsets are committed once outcomes are durable",
+        ),
+        ("group.id", "it is stage.group_id"),
+    ];
+    let stage_keys = if service == Service::Order {
+        &[][..]
+    } else {
+        STAGES
+    };
+    EVERY_DAEMON.iter().chain(stage_keys)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn common(
     service: Service,
@@ -647,6 +695,13 @@ fn common(
         .into_iter()
         .map(|(k, v)| (k, v.into_string()))
         .collect();
+    if let Some((key, why)) = owned_kafka_keys(service).find(|(key, _)| kafka.contains_key(*key)) {
+        return Err(invalid(
+            &origin,
+            &format!("kafka.\"{key}\""),
+            format!("kop sets this property itself ({why}); remove it"),
+        ));
+    }
     kafka
         .entry("bootstrap.servers".into())
         .or_insert_with(|| "localhost:9092".into());
@@ -667,10 +722,14 @@ fn common(
         delay: simulate.delay.unwrap_or(Duration::ZERO),
         stall: simulate.stall.unwrap_or(false),
     };
-    let mut rate_origin = origin.clone();
+    let (rate_origin, rate_key) = source_of(
+        env,
+        "SIMULATE_FAILURE_RATE",
+        &origin,
+        "simulate.failure_rate",
+    );
     if let Some(rate) = env_parse::<f64>(env, "SIMULATE_FAILURE_RATE")? {
         simulate.failure_rate = rate;
-        rate_origin = Origin::Env("SIMULATE_FAILURE_RATE");
     }
     if let Some(ms) = env_parse::<u64>(env, "SIMULATE_DELAY_MS")? {
         simulate.delay = Duration::from_millis(ms);
@@ -678,7 +737,7 @@ fn common(
     if !(0.0..=1.0).contains(&simulate.failure_rate) {
         return Err(invalid(
             &rate_origin,
-            "simulate.failure_rate",
+            &rate_key,
             format!("{} is not between 0 and 1", simulate.failure_rate),
         ));
     }

@@ -382,3 +382,34 @@ fn check_config_rejects_a_bad_file() {
         outcome.stderr
     );
 }
+
+/// `[kafka]` properties kop sets itself are refused, naming the key, rather than silently
+/// overridden; the order API's record timeout is the user's to set.
+#[test]
+fn kafka_properties_kop_owns_are_refused() {
+    for (service, key) in [
+        ("payment", "enable.idempotence"),
+        ("inventory", "isolation.level"),
+        ("notification", "group.id"),
+        ("payment", "message.timeout.ms"),
+        ("order", "acks"),
+    ] {
+        expect_config_error(
+            service,
+            &format!("[kafka]\n\"{key}\" = \"1\"\n"),
+            &[],
+            &[&format!("kafka.\"{key}\""), "kop sets this property itself"],
+        );
+    }
+    let dir = TempDir::new();
+    let path = dir.write(
+        "order.toml",
+        "[kafka]\n\"message.timeout.ms\" = \"60000\"\n",
+    );
+    let outcome = run(
+        "order",
+        &["--config", path_str(&path), "--check-config"],
+        &[],
+    );
+    assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);
+}
