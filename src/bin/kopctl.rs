@@ -9,9 +9,11 @@ use kop::config::{self, Guarantee, ProcessEnv, Service, StageConfig};
 #[derive(Parser)]
 #[command(version, about = "Operate a kop pipeline: topics and dead letters")]
 struct Cli {
-    /// Bootstrap servers; default KAFKA_BROKERS, else localhost:9092.
-    #[arg(long, short, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
-    brokers: String,
+    /// Bootstrap servers; default KAFKA_BROKERS, else (topics ensure) the configuration
+    /// files' bootstrap.servers, else localhost:9092.
+    // No clap default: a default here would hide the files' value from `topics ensure`.
+    #[arg(long, short, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
     /// Extra librdkafka property, e.g. -X security.protocol=SASL_SSL (repeatable).
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
     property: Vec<(String, String)>,
@@ -38,8 +40,8 @@ enum TopicsCommand {
     /// Create every topic of the pipeline (main, .retry, .dlq) that does not exist yet, with
     /// the names, partitions and replication the daemons' configuration gives.
     Ensure {
-        /// Folder of the daemons' TOML files; default /etc/kop when present, else built-in
-        /// defaults. Environment variables apply as they do for the daemons.
+        /// Folder of the daemons' TOML files (it must exist); default /etc/kop when present,
+        /// else built-in defaults. Environment variables apply as they do for the daemons.
         #[arg(long, value_name = "DIR")]
         config_dir: Option<PathBuf>,
     },
@@ -47,7 +49,8 @@ enum TopicsCommand {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// Print the records of a DLQ topic with their headers.
+    /// Print the records of a DLQ topic with their timestamp and headers. Bytes that are
+    /// not UTF-8 are shown as hex ("(hex) …" in text, {"hex": "…"} in JSON).
     List {
         topic: String,
         /// One JSON object per line instead of text.
@@ -55,7 +58,11 @@ enum DlqCommand {
         json: bool,
     },
     /// Publish DLQ records again (key, value and headers kept, attempts reset) and print how
-    /// many. Continues where the previous replay of the same topic stopped.
+    /// many. Continues where the previous replay of the same topic stopped; a failed send
+    /// stops it, and a rerun continues from the record that failed.
+    ///
+    /// Filters pass over the records they leave out for good: their offsets are committed
+    /// like those replayed. Add --from-beginning to revisit them.
     Replay {
         topic: String,
         /// Target topic; default: each record's x-origin-topic.
@@ -70,7 +77,8 @@ enum DlqCommand {
         /// Scan the whole DLQ, including records replayed before.
         #[arg(long)]
         from_beginning: bool,
-        /// Show what would be replayed; publish nothing.
+        /// List each record that would be replayed (partition, offset, key, target topic);
+        /// publish and commit nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -86,7 +94,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut client = rdkafka::ClientConfig::new();
     client
-        .set("bootstrap.servers", &cli.brokers)
+        .set(
+            "bootstrap.servers",
+            cli.brokers.as_deref().unwrap_or("localhost:9092"),
+        )
         .set("client.id", "kopctl");
     for (key, value) in &cli.property {
         client.set(key, value);
@@ -115,6 +126,13 @@ fn main() -> ExitCode {
             eprintln!("kopctl: {e}");
             ExitCode::FAILURE
         }
+        Err(Failure::ConfigDir(dir)) => {
+            eprintln!(
+                "kopctl: configuration error: --config-dir {}: no such directory",
+                dir.display()
+            );
+            ExitCode::from(config::EX_CONFIG as u8)
+        }
         Err(Failure::Changelog(e)) => {
             eprintln!("kopctl: {e}");
             ExitCode::FAILURE
@@ -126,6 +144,7 @@ enum Failure {
     Config(config::ConfigError),
     Kafka(rdkafka::error::KafkaError),
     Admin(admin::AdminError),
+    ConfigDir(PathBuf),
     Changelog(String),
 }
 
@@ -146,7 +165,12 @@ async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
         Command::Topics {
             command: TopicsCommand::Ensure { config_dir },
         } => {
+            if let Some(dir) = config_dir.as_ref().filter(|d| !d.is_dir()) {
+                return Err(Failure::ConfigDir(dir.clone()));
+            }
             let dir = config_dir.or_else(|| Some(PathBuf::from("/etc/kop")).filter(|d| d.is_dir()));
+            // A stage's output is the next stage's input: each topic is reported once.
+            let mut reported = std::collections::HashSet::new();
             for service in [Service::Payment, Service::Inventory, Service::Notification] {
                 let path = dir
                     .as_ref()
@@ -154,10 +178,12 @@ async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
                     .filter(|p| p.exists());
                 let mut stage = StageConfig::load(service, path.as_deref(), &ProcessEnv)
                     .map_err(Failure::Config)?;
-                stage
-                    .common
-                    .kafka
-                    .insert("bootstrap.servers".into(), cli.brokers.clone());
+                if let Some(brokers) = &cli.brokers {
+                    stage
+                        .common
+                        .kafka
+                        .insert("bootstrap.servers".into(), brokers.clone());
+                }
                 for (key, value) in &cli.property {
                     stage.common.kafka.insert(key.clone(), value.clone());
                 }
@@ -174,6 +200,9 @@ async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
                 )
                 .await?;
                 for topic in topics {
+                    if !reported.insert(topic.to_string()) {
+                        continue;
+                    }
                     let state = if created.iter().any(|c| c == topic) {
                         "created"
                     } else {
@@ -203,26 +232,31 @@ async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
         Command::Dlq {
             command: DlqCommand::List { topic, json },
         } => {
-            let letters = tokio::task::spawn_blocking(move || admin::list(&client, &topic))
-                .await
-                .map_err(|_| rdkafka::error::KafkaError::Canceled)??;
-            for letter in &letters {
-                if json {
-                    println!("{}", serde_json::to_string(letter).unwrap_or_default());
-                } else {
-                    println!(
-                        "partition {} offset {} key {}",
-                        letter.partition,
-                        letter.offset,
-                        letter.key.as_deref().unwrap_or("-")
-                    );
-                    for (name, value) in &letter.headers {
-                        println!("  {name}: {}", value.as_deref().unwrap_or("(null)"));
+            let mut dead_letters = 0;
+            let count = tokio::task::block_in_place(|| {
+                admin::list(&client, &topic, |letter| {
+                    if letter.is_dead_letter() {
+                        dead_letters += 1;
                     }
-                    println!("  value: {}", letter.value.as_deref().unwrap_or("(null)"));
-                }
+                    print_letter(&letter, json);
+                })
+            })?;
+            if count > dead_letters {
+                eprintln!(
+                    "{topic}: {dead_letters} dead letters; {} records lack the {} and {} \
+                     headers kop gives dead letters: {}",
+                    count - dead_letters,
+                    kop::kafka::H_ERROR,
+                    kop::kafka::H_ORIGIN_TOPIC,
+                    if dead_letters == 0 {
+                        "this is not a dead-letter topic"
+                    } else {
+                        "not dead letters"
+                    }
+                );
+            } else {
+                eprintln!("{dead_letters} dead letters");
             }
-            eprintln!("{} dead letters", letters.len());
             Ok(())
         }
         Command::Dlq {
@@ -243,13 +277,60 @@ async fn run(cli: Cli, client: rdkafka::ClientConfig) -> Result<(), Failure> {
                 from_beginning,
                 dry_run,
             };
-            let report = admin::replay(&client, &topic, &options).await?;
+            let report = admin::replay(&client, &topic, &options, |plan| {
+                if dry_run {
+                    let key = plan.key.map_or("-".to_string(), ToString::to_string);
+                    println!(
+                        "partition {} offset {} key {key} -> {}",
+                        plan.partition, plan.offset, plan.target
+                    );
+                }
+            })
+            .await?;
             let verb = if dry_run { "would replay" } else { "replayed" };
+            let passed = if dry_run {
+                "would be passed over"
+            } else {
+                "passed over, their offsets committed"
+            };
             println!(
-                "{verb} {} records from {topic} ({} filtered out, {} without a target topic)",
+                "{verb} {} records from {topic} ({} records {passed}; {} without a target topic)",
                 report.replayed, report.filtered_out, report.without_target
             );
             Ok(())
         }
+    }
+}
+
+fn print_letter(letter: &admin::DeadLetter, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(letter).unwrap_or_default());
+        return;
+    }
+    let time = letter
+        .timestamp
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            humantime::format_rfc3339_millis(at).to_string()
+        })
+        .unwrap_or_else(|| "-".into());
+    let key = letter
+        .key
+        .as_ref()
+        .map_or("-".to_string(), ToString::to_string);
+    println!(
+        "partition {} offset {} time {time} key {key}",
+        letter.partition, letter.offset
+    );
+    for (name, value) in &letter.headers {
+        match value {
+            Some(value) => println!("  {name}: {value}"),
+            None => println!("  {name}: (null)"),
+        }
+    }
+    match &letter.value {
+        Some(value) => println!("  value: {value}"),
+        None => println!("  value: (null)"),
     }
 }
