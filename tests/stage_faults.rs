@@ -128,6 +128,8 @@ dlq_topic = "{DLQ}"
 group_id = "{group}"
 processing_guarantee = "{guarantee}"
 stall_timeout = "4s"
+[dedup]
+enabled = true
 {retry}
 {extra}
 "#,
