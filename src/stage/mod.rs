@@ -1027,6 +1027,17 @@ impl Stage {
         }
         if let Some(why) = self.txn.doomed() {
             let why = why.to_string();
+            let in_doubt = self.txn.in_doubt();
+            if in_doubt > 0 {
+                // librdkafka's abort purges the records it still holds and gives their
+                // sequence numbers to the next records. One that the broker wrote without
+                // answering (a leader that failed mid-request) would then make the broker
+                // take those next records for repeats of it and drop them with the aborted
+                // transaction. A new producer fences this one and starts a new epoch.
+                warn!(reason = %why, in_doubt, "ending the transaction with a new producer: records in doubt");
+                self.rebuild(&why);
+                return;
+            }
             warn!(reason = %why, "aborting the transaction");
             self.progress.failed(&why);
             self.txn.start_abort();
@@ -1161,6 +1172,10 @@ impl Stage {
     /// the committed offsets once it has fenced the old.
     fn repair(&mut self, why: &str) {
         error!(reason = why, "replacing the producer");
+        self.rebuild(why);
+    }
+
+    fn rebuild(&mut self, why: &str) {
         self.progress.failed(why);
         self.counters.aborts.inc();
         let consumer = self.consumer.clone();

@@ -333,6 +333,15 @@ impl Txn {
         )
     }
 
+    /// Records of the open transaction sent and not yet acknowledged: the broker may or may
+    /// not have written them.
+    pub fn in_doubt(&self) -> usize {
+        match &self.state {
+            State::Open { unacked, .. } => *unacked,
+            _ => 0,
+        }
+    }
+
     /// The failure that dooms the open transaction, if any.
     pub fn doomed(&self) -> Option<&str> {
         match &self.state {
