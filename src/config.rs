@@ -1105,9 +1105,12 @@ impl StageConfig {
             stall_timeout: stage.stall_timeout.unwrap_or(Duration::from_secs(60)),
             retry,
             dedup: DedupConfig {
-                // Opt-in until a restore that fails in a broker failover is understood (see
-                // the README's delivery section).
-                enabled: file.dedup.enabled.unwrap_or(false),
+                // kop-payment pays each order once; the stages after it see each payment
+                // once when it runs exactly once.
+                enabled: file
+                    .dedup
+                    .enabled
+                    .unwrap_or(matches!(service, Service::Payment)),
                 max_keys: file.dedup.max_keys.unwrap_or(100_000),
                 window: file.dedup.window.unwrap_or(Duration::from_secs(24 * 3600)),
                 changelog,

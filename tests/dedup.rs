@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Deduplication is opt-in.
-const DEDUP: &str = "[dedup]\nenabled = true\n";
-
 /// Reads `topic` until `expected` records of the given orders are there and nothing more
 /// arrives for a few seconds; the count of each order.
 fn counts(topic: &str, expected: usize) -> std::collections::HashMap<String, usize> {
@@ -39,10 +36,7 @@ async fn post_accepted(port: u16, order_id: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_order_posted_again_is_paid_once_across_a_restart() {
     let mut pipeline = Pipeline::new();
-    pipeline.start("order", &[]).await;
-    pipeline.start_with_config("payment", &[], DEDUP).await;
-    pipeline.start("inventory", &[]).await;
-    pipeline.start("notification", &[]).await;
+    pipeline.start_all(&[]).await;
     let port = pipeline.order_port;
     for _ in 0..3 {
         post_accepted(port, "twice-1").await;
@@ -95,7 +89,7 @@ async fn an_order_posted_again_is_paid_once_across_a_restart() {
 async fn a_retry_copy_of_an_order_paid_meanwhile_is_not_paid_again() {
     let mut pipeline = Pipeline::new();
     pipeline.start("order", &[]).await;
-    let failing = "[simulate]\nfailure_rate = 1.0\n[dedup]\nenabled = true\n";
+    let failing = "[simulate]\nfailure_rate = 1.0\n";
     pipeline
         .start_with_config("payment", &[("RETRY_DELAYS_MS", "6000")], failing)
         .await;
@@ -108,11 +102,7 @@ async fn a_retry_copy_of_an_order_paid_meanwhile_is_not_paid_again() {
 
     // The gateway recovers; the client, told nothing useful, posts the order again.
     let config_path = pipeline.log_dir.join("payment.toml");
-    std::fs::write(
-        &config_path,
-        "[simulate]\nfailure_rate = 0.0\n[dedup]\nenabled = true\n",
-    )
-    .unwrap();
+    std::fs::write(&config_path, "[simulate]\nfailure_rate = 0.0\n").unwrap();
     pipeline.daemon("payment").signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pipeline
@@ -163,11 +153,7 @@ async fn at_least_once_recognises_repeats_in_memory() {
     let mut pipeline = Pipeline::new();
     pipeline.start("order", &[]).await;
     pipeline
-        .start_with_config(
-            "payment",
-            &[("PROCESSING_GUARANTEE", "at-least-once")],
-            DEDUP,
-        )
+        .start("payment", &[("PROCESSING_GUARANTEE", "at-least-once")])
         .await;
     let port = pipeline.order_port;
     for _ in 0..2 {

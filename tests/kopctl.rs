@@ -31,15 +31,7 @@ async fn topics_ensure_creates_every_topic_once() {
         ("PAYMENT_GROUP_ID", format!("{prefix}.pay")),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    // The shipped files, with kop-payment's (opt-in) dedup on.
-    let dir = std::env::temp_dir().join(unique("kop-ctl-config"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for service in ["order", "payment", "inventory", "notification"] {
-        let text = std::fs::read_to_string(repo().join(format!("etc/kop/{service}.toml")))
-            .unwrap()
-            .replace("\nenabled = false", "\nenabled = true");
-        std::fs::write(dir.join(format!("{service}.toml")), text).unwrap();
-    }
+    let dir = repo().join("etc/kop");
     let (code, out, err) = kopctl(
         &["topics", "ensure", "--config-dir", dir.to_str().unwrap()],
         &env,
@@ -143,9 +135,7 @@ async fn dead_letters_are_listed_and_replayed_to_completion() {
 
     // The gateway is back: payment without failures.
     pipeline.daemons.remove("payment");
-    pipeline
-        .start_with_config("payment", &[], "[dedup]\nenabled = true\n")
-        .await;
+    pipeline.start("payment", &[]).await;
 
     // A filter that matches nothing replays nothing; a dry run publishes nothing.
     let (code, out, err) = kopctl(
