@@ -416,7 +416,7 @@ struct OrderKind;
 
 impl Kind for OrderKind {
     type Config = OrderConfig;
-    type Connected = Arc<crate::http::OrderApi>;
+    type Connected = Arc<crate::order::OrderApi>;
     type Error = rdkafka::error::KafkaError;
 
     fn service(&self) -> Service {
@@ -444,13 +444,13 @@ impl Kind for OrderKind {
         &self,
         config: &OrderConfig,
         metrics: &Arc<Metrics>,
-    ) -> Result<Arc<crate::http::OrderApi>, rdkafka::error::KafkaError> {
-        crate::http::OrderApi::connect(config.clone(), metrics.clone()).await
+    ) -> Result<Arc<crate::order::OrderApi>, rdkafka::error::KafkaError> {
+        crate::order::OrderApi::connect(config.clone(), metrics.clone()).await
     }
 
     async fn run(
         &self,
-        api: Arc<crate::http::OrderApi>,
+        api: Arc<crate::order::OrderApi>,
         config: &OrderConfig,
         life: Life,
     ) -> ExitCode {
