@@ -154,7 +154,7 @@ impl Stage {
         // Into the changelog partition that restores this input partition.
         match self.send_to(pid, offset, record, Some(partition)) {
             Ok(_) => {
-                self.txn.include(pid, offset + 1, true);
+                self.txn.include_extra();
                 true
             }
             Err((e, _)) => {

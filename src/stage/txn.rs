@@ -177,7 +177,15 @@ impl Txn {
         }
     }
 
-    /// Records in the open transaction (0 when none is open).
+    /// One more record sent for a consumed record already counted in (its handled key, to
+    /// the changelog): awaited before the commit, but not a record of the batch.
+    pub fn include_extra(&mut self) {
+        if let State::Open { unacked, .. } = &mut self.state {
+            *unacked += 1;
+        }
+    }
+
+    /// Consumed records in the open transaction (0 when none is open).
     pub fn records(&self) -> usize {
         match &self.state {
             State::Open { records, .. } => *records,
