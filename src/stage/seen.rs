@@ -15,6 +15,7 @@
 //! and the range assignor gives both to the same member.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -26,17 +27,57 @@ use super::partitions::Pid;
 /// A key and when it was handled (epoch milliseconds).
 pub type Entry = (Box<[u8]>, u64);
 
+/// What the store keeps of a key: 128 bits of two independently keyed SipHashes, whatever
+/// the key's length. Two keys of one partition's window share a fingerprint (and the later
+/// is taken for a repeat) with a chance of about n²/2¹²⁹: for 100,000 keys, 10⁻²⁹.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Fingerprint(u64, u64);
+
+/// Makes fingerprints; its keys are drawn anew in each process (the changelog holds the
+/// keys themselves, fingerprinted again on restore).
+struct Fingerprinter(RandomState, RandomState);
+
+impl Fingerprinter {
+    fn of(&self, key: &[u8]) -> Fingerprint {
+        Fingerprint(self.0.hash_one(key), self.1.hash_one(key))
+    }
+}
+
+/// A fingerprint is a hash already: the map combines its halves instead of hashing them
+/// again.
+#[derive(Default)]
+struct Halves(u64);
+
+impl Hasher for Halves {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached by a fingerprint (it writes two u64); correct for anything else.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, half: u64) {
+        self.0 = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ half;
+    }
+}
+
 /// The keys of one partition: when each was handled, oldest first for eviction.
 #[derive(Default)]
 struct Keys {
-    at: HashMap<Box<[u8]>, u64>,
-    order: VecDeque<(u64, Box<[u8]>)>,
+    at: HashMap<Fingerprint, u64, BuildHasherDefault<Halves>>,
+    order: VecDeque<(u64, Fingerprint)>,
 }
 
 impl Keys {
-    fn insert(&mut self, key: &[u8], at_ms: u64, max_keys: usize) {
-        if self.at.insert(key.into(), at_ms).is_none() {
-            self.order.push_back((at_ms, key.into()));
+    fn insert(&mut self, key: Fingerprint, at_ms: u64, max_keys: usize) {
+        if self.at.insert(key, at_ms).is_none() {
+            self.order.push_back((at_ms, key));
         }
         while self.at.len() > max_keys {
             self.evict_oldest();
@@ -62,9 +103,10 @@ impl Keys {
 pub struct Seen {
     max_keys: usize,
     window: Duration,
+    fingerprints: Fingerprinter,
     partitions: HashMap<i32, Keys>,
     /// Released, not yet committed: (its input partition, offset, store partition, key).
-    pending: Vec<(Pid, i64, i32, Box<[u8]>)>,
+    pending: Vec<(Pid, i64, i32, Fingerprint)>,
 }
 
 impl Seen {
@@ -72,6 +114,7 @@ impl Seen {
         Seen {
             max_keys,
             window,
+            fingerprints: Fingerprinter(RandomState::new(), RandomState::new()),
             partitions: HashMap::new(),
             pending: Vec::new(),
         }
@@ -85,7 +128,7 @@ impl Seen {
     pub fn contains(&self, partition: i32, key: &[u8], now_ms: u64) -> bool {
         self.partitions
             .get(&partition)
-            .and_then(|keys| keys.at.get(key))
+            .and_then(|keys| keys.at.get(&self.fingerprints.of(key)))
             .is_some_and(|at| *at >= self.oldest_ms(now_ms))
     }
 
@@ -99,10 +142,11 @@ impl Seen {
         now_ms: u64,
     ) {
         let oldest = self.oldest_ms(now_ms);
+        let fingerprint = self.fingerprints.of(key);
         let keys = self.partitions.entry(partition).or_default();
         keys.expire(oldest);
-        keys.insert(key, now_ms, self.max_keys);
-        self.pending.push((pid, offset, partition, key.into()));
+        keys.insert(fingerprint, now_ms, self.max_keys);
+        self.pending.push((pid, offset, partition, fingerprint));
     }
 
     /// The records of `pid` before `next` are committed: their keys are durable.
@@ -131,7 +175,7 @@ impl Seen {
         let mut keys = Keys::default();
         for (key, at) in entries {
             if at >= oldest {
-                keys.insert(&key, at, self.max_keys);
+                keys.insert(self.fingerprints.of(&key), at, self.max_keys);
             }
         }
         self.partitions.insert(partition, keys);
