@@ -19,6 +19,15 @@
 //! records, as an exactly-once kop stage does per batch; the `read_committed` consumer then
 //! sees each batch only once it is committed.
 //!
+//! Two helpers of bench/run.sh's drain row use the same producer and consumer:
+//!
+//! - `--preload` only produces: `--records` `OrderCreated` events (key and `orderId`
+//!   `<--key-prefix><n>`, a `traceparent` header, as kop-order writes them) to a new topic,
+//!   and reports the produce rate;
+//! - `--count` only consumes: it reads an existing topic (waiting for it to exist) from the
+//!   beginning with `read_committed` until `--records` distinct keys ending in `-<n>` arrived,
+//!   and reports when the first and the last arrived (epoch ms) and the duplicates.
+//!
 //! Timing lives here and in bench/run.sh, never in the tests.
 
 use std::process::ExitCode;
@@ -34,7 +43,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde_json::json;
@@ -67,6 +76,16 @@ struct Args {
     /// Records per transaction with --transactional.
     #[arg(long, default_value_t = 500)]
     txn_records: u64,
+    /// Only produce `OrderCreated` events to a new topic (a backlog for a kop stage).
+    #[arg(long, conflicts_with_all = ["count", "transactional"])]
+    preload: bool,
+    /// Key and orderId prefix of --preload (the record number follows).
+    #[arg(long, default_value = "preload-")]
+    key_prefix: String,
+    /// Only consume: read the existing --topic from the beginning until --records distinct
+    /// records arrived.
+    #[arg(long, conflicts_with = "transactional")]
+    count: bool,
     /// Give up when the consumer has not seen a new record for this many seconds.
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
@@ -81,12 +100,30 @@ struct Args {
 /// Nanoseconds since the start of the run; 0 means "not yet".
 struct Clock {
     base: Instant,
+    /// Wall-clock time of `base`, in milliseconds since the Unix epoch.
+    base_epoch_ms: f64,
 }
 
 impl Clock {
+    fn new() -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
+        Clock {
+            base: Instant::now(),
+            base_epoch_ms: epoch,
+        }
+    }
+
     fn now(&self) -> u64 {
         // Never 0, so 0 can stand for "not yet".
         (self.base.elapsed().as_nanos() as u64).max(1)
+    }
+
+    /// A time of [`Clock::now`] as milliseconds since the Unix epoch (for other processes).
+    fn epoch_ms(&self, ns: u64) -> f64 {
+        self.base_epoch_ms + ns as f64 / 1e6
     }
 }
 
@@ -166,11 +203,15 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
         .topic
         .clone()
         .unwrap_or_else(|| format!("bench.raw.{run_id}"));
+    if args.count {
+        return count(args, &topic);
+    }
     create_topic(&args.brokers, &topic, args.partitions)?;
+    if args.preload {
+        return preload(args, &topic, &run_id);
+    }
 
-    let clock = Arc::new(Clock {
-        base: Instant::now(),
-    });
+    let clock = Arc::new(Clock::new());
 
     // The consumer first: assigned to every partition from the beginning, connected, and
     // polling before the first record is sent.
@@ -202,15 +243,7 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
         last_ack_ns: AtomicU64::new(0),
         first_error: std::sync::Mutex::new(None),
     };
-    // Like kop's producers (src/kafka.rs): idempotent, acks=all, linger.ms 5.
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &args.brokers)
-        .set("client.id", format!("kop-bench-raw-{run_id}"))
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", args.linger_ms.to_string())
-        .set("message.timeout.ms", "30000");
+    let mut config = producer_config(args, &run_id);
     if args.transactional {
         config
             .set("transactional.id", format!("kop-bench-raw-{run_id}"))
@@ -362,6 +395,200 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
             "rate": rate(consumed.distinct, combined_s),
         },
     }))
+}
+
+/// The producer of every mode: like kop's (src/kafka.rs), idempotent, `acks=all`,
+/// `linger.ms` 5, librdkafka's default batch size.
+fn producer_config(args: &Args, run_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &args.brokers)
+        .set("client.id", format!("kop-bench-raw-{run_id}"))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", args.linger_ms.to_string())
+        .set("message.timeout.ms", "30000");
+    config
+}
+
+/// `--preload`: `--records` `OrderCreated` events to the new topic, as fast as they go.
+fn preload(args: &Args, topic: &str, run_id: &str) -> Result<serde_json::Value, String> {
+    let clock = Arc::new(Clock::new());
+    let context = Deliveries {
+        clock: clock.clone(),
+        acked: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        last_ack_ns: AtomicU64::new(0),
+        first_error: std::sync::Mutex::new(None),
+    };
+    let producer: BaseProducer<Deliveries> = producer_config(args, run_id)
+        .create_with_context(context)
+        .map_err(|e| format!("producer: {e}"))?;
+    producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("producer metadata: {e}"))?;
+    let trace_id: u64 = rand::random();
+    let mut queue_full_waits = 0u64;
+    let first_send_ns = clock.now();
+    for i in 0..args.records {
+        let key = format!("{}{i}", args.key_prefix);
+        // As kop-order writes it (src/event.rs): the order, flat, and when it was accepted.
+        let value = json!({
+            "orderId": key,
+            "amount": 1.0 + (i % 1000) as f64,
+            "acceptedAt": now_ms(),
+        })
+        .to_string();
+        let traceparent = format!("00-{trace_id:016x}{i:016x}-{:016x}-01", i + 1);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "traceparent",
+            value: Some(traceparent.as_str()),
+        });
+        let mut record = BaseRecord::to(topic)
+            .key(key.as_str())
+            .payload(value.as_str())
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    queue_full_waits += 1;
+                    record = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(format!("send: {e}")),
+            }
+        }
+        if i % 1024 == 0 {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    drain(&producer)?;
+    let context = producer.context();
+    let acked = context.acked.load(Ordering::Relaxed);
+    let failed = context.failed.load(Ordering::Relaxed);
+    let last_ack_ns = context.last_ack_ns.load(Ordering::Relaxed);
+    let produce_error = context
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let seconds = last_ack_ns.saturating_sub(first_send_ns) as f64 / 1e9;
+    let problem = (failed > 0).then(|| {
+        format!(
+            "{failed} records not acknowledged: {}",
+            produce_error.unwrap_or_default()
+        )
+    });
+    Ok(json!({
+        "ok": problem.is_none(),
+        "problem": problem,
+        "mode": "preload",
+        "brokers": args.brokers,
+        "topic": topic,
+        "partitions": args.partitions,
+        "records": args.records,
+        "key_prefix": args.key_prefix,
+        "producer": {
+            "acks": "all",
+            "enable.idempotence": true,
+            "linger.ms": args.linger_ms,
+            "queue_full_waits": queue_full_waits,
+        },
+        "produce": {
+            "acked": acked,
+            "failed": failed,
+            "seconds": seconds,
+            "rate": if seconds > 0.0 { acked as f64 / seconds } else { 0.0 },
+        },
+    }))
+}
+
+/// `--count`: reads the existing topic from the beginning until `--records` distinct
+/// records arrived.
+fn count(args: &Args, topic: &str) -> Result<serde_json::Value, String> {
+    let partitions = wait_for_topic(&args.brokers, topic, Duration::from_secs(60))?;
+    let clock = Clock::new();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let consumed = consume(
+        &args.brokers,
+        topic,
+        partitions,
+        args.records,
+        Duration::from_secs(args.idle_timeout),
+        &clock,
+        ready_tx,
+    );
+    drop(ready_rx);
+    let problem = consumed.error.clone().or_else(|| {
+        (consumed.distinct < args.records).then(|| {
+            format!(
+                "only {} of {} records consumed",
+                consumed.distinct, args.records
+            )
+        })
+    });
+    let seconds = consumed.last_ns.saturating_sub(consumed.first_ns) as f64 / 1e9;
+    Ok(json!({
+        "ok": problem.is_none(),
+        "problem": problem,
+        "mode": "count",
+        "brokers": args.brokers,
+        "topic": topic,
+        "partitions": partitions,
+        "records": args.records,
+        "consumer": { "isolation.level": "read_committed" },
+        "consume": {
+            "records": consumed.distinct,
+            "duplicates": consumed.duplicates,
+            "foreign": consumed.foreign,
+            "seconds": seconds,
+            "rate": if seconds > 0.0 { consumed.distinct as f64 / seconds } else { 0.0 },
+            "first_epoch_ms": clock.epoch_ms(consumed.first_ns),
+            "last_epoch_ms": clock.epoch_ms(consumed.last_ns),
+        },
+    }))
+}
+
+/// Milliseconds since the Unix epoch (the unit of `acceptedAt`).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Waits until the topic exists and each of its partitions has a leader; returns how many
+/// partitions it has.
+fn wait_for_topic(brokers: &str, topic: &str, wait: Duration) -> Result<i32, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| format!("metadata client: {e}"))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| format!("metadata of {topic}: {e}"))?;
+        let led: Vec<bool> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions())
+            .map(|p| p.leader() >= 0 && p.error().is_none())
+            .collect();
+        if !led.is_empty() && led.iter().all(|l| *l) {
+            return Ok(led.len() as i32);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{topic} does not exist, or has partitions without a leader, after {} s",
+                wait.as_secs()
+            ));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until every record sent is acknowledged and its delivery report served.
@@ -561,6 +788,29 @@ fn consume(
 
 fn print_human(r: &serde_json::Value) {
     let rate = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    match r["mode"].as_str() {
+        Some("preload") => {
+            println!(
+                "preload: {} OrderCreated events to {} at {:.0} records/s ({:.2} s)",
+                r["produce"]["acked"],
+                r["topic"].as_str().unwrap_or_default(),
+                rate(&r["produce"]["rate"]),
+                rate(&r["produce"]["seconds"])
+            );
+            return;
+        }
+        Some("count") => {
+            println!(
+                "count: {} distinct records ({} duplicates) in {}, first → last {:.2} s",
+                r["consume"]["records"],
+                r["consume"]["duplicates"],
+                r["topic"].as_str().unwrap_or_default(),
+                rate(&r["consume"]["seconds"])
+            );
+            return;
+        }
+        _ => {}
+    }
     println!(
         "raw produce → consume: {} records of {} bytes, topic {} ({} partitions) on {}",
         r["records"],
