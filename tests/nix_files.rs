@@ -320,15 +320,25 @@ fn nix_unit_settings_mirror_the_systemd_units() {
         })
         .collect();
     units.sort();
-    assert_eq!(units.len(), 4, "four units: {units:?}");
+    assert_eq!(
+        units.len(),
+        7,
+        "four units and the three stages' templates: {units:?}"
+    );
 
     for unit in units {
         let text = std::fs::read_to_string(&unit).expect("unit file");
         let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (key, value) in service_section(&text) {
+            // A template's instance settings are the module's own (nix/instances.nix),
+            // checked against the templates below.
             if !matches!(
                 key.as_str(),
-                "ExecStart" | "ExecReload" | "ConfigurationDirectory"
+                "ExecStart"
+                    | "ExecReload"
+                    | "ConfigurationDirectory"
+                    | "Environment"
+                    | "EnvironmentFile"
             ) {
                 settings.entry(key).or_default().push(value);
             }
