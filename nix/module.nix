@@ -3,7 +3,8 @@
 # own `--check-config`; `local.enable` adds a single-host Kafka (KRaft), Prometheus with
 # kminion and Grafana. Secrets stay out of the Nix store: per daemon, `credentials` and
 # `configFile` (systemd LoadCredential=) and `environmentFile` (EnvironmentFile=) name
-# files that systemd reads when the daemon starts.
+# files that systemd reads when the daemon starts. Per daemon, `enable` leaves it out, and
+# a stage's `instances` runs several on the host from a template unit (instances.nix).
 #
 # flake.nix imports this file as `nixosModules.default`, applied to the flake itself: the
 # package option defaults to the flake's own package (no overlay, so it also works where
@@ -31,6 +32,7 @@ let
   toml = pkgs.formats.toml { };
   ports = import ./ports.nix;
   unit = import ./unit.nix;
+  instances = import ./instances.nix { inherit ports; };
 
   names = [
     "order"
@@ -38,29 +40,77 @@ let
     "inventory"
     "notification"
   ];
+  stages = [
+    "payment"
+    "inventory"
+    "notification"
+  ];
   unitName = name: "kop-${name}";
+  enabled = builtins.filter (name: cfg.${name}.enable) names;
 
-  configFile = name: toml.generate "kop-${name}.toml" cfg.settings.${name};
+  # The instance numbers of a daemon: none when it runs as the one kop-<name>.service.
+  instanceNumbers = name: if cfg.${name} ? instances then instances.numbers cfg.${name}.instances else [ ];
+  # The units that kop.target wants for a daemon.
+  unitsOf =
+    name:
+    if instanceNumbers name == [ ] then
+      [ "${unitName name}.service" ]
+    else
+      map (n: "${instances.unitName name n}.service") (instanceNumbers name);
 
   # The daemon loads and validates the file as at start (TOML keys, values, topic names,
   # and the [kafka] table through librdkafka's own property check) without contacting a
   # broker. `env -i`: the environment overrides the file, so nothing of the builder's
   # may leak into the check.
-  checkedConfigFile =
-    name:
+  checkedToml =
+    name: fileName: settings:
+    let
+      file = toml.generate fileName settings;
+    in
     if cfg.checkConfig then
-      pkgs.runCommand "kop-${name}-checked.toml" { } ''
+      pkgs.runCommand "checked-${fileName}" { } ''
         ${pkgs.coreutils}/bin/env -i \
-          ${cfg.package}/bin/kop-${name} --check-config --config ${configFile name}
-        cp ${configFile name} $out
+          ${cfg.package}/bin/kop-${name} --check-config --config ${file}
+        cp ${file} $out
       ''
     else
-      configFile name;
+      file;
+
+  checkedConfigFile = name: checkedToml name "kop-${name}.toml" cfg.settings.${name};
+
+  # What the template kop-<name>@.service reads for instance %i: <n>.toml, its settings
+  # with its own credentials directory, and <n>.env, its metrics port.
+  instanceFiles =
+    name:
+    pkgs.linkFarm "kop-${name}-instances" (
+      lib.concatMap (n: [
+        {
+          name = "${toString n}.toml";
+          path = checkedToml name "kop-${name}-${toString n}.toml" (
+            instances.settingsOf name n cfg.settings.${name}
+          );
+        }
+        {
+          name = "${toString n}.env";
+          path = pkgs.writeText "kop-${name}-${toString n}.env" (
+            instances.environment cfg.${name}.instanceMetricsPort n
+          );
+        }
+      ]) (instanceNumbers name)
+    );
 
   portOf = address: lib.toInt (lib.last (lib.splitString ":" address));
   metricsPort =
     name:
     portOf (cfg.settings.${name}.metrics.listen or "0.0.0.0:${toString ports.daemons.${name}.metrics}");
+  # Every metrics port in use: a daemon's, or each of its instances'.
+  metricsPorts =
+    name:
+    if instanceNumbers name == [ ] then
+      [ (metricsPort name) ]
+    else
+      map (instances.metricsPort cfg.${name}.instanceMetricsPort) (instanceNumbers name);
+  allMetricsPorts = lib.concatMap metricsPorts enabled;
   apiPort = portOf (cfg.settings.order.http.listen or "0.0.0.0:${toString ports.daemons.order.api}");
 
   kafkaAfter = lib.optional cfg.local.enable "apache-kafka.service";
@@ -94,7 +144,49 @@ let
   # The credential under which `configFile` is handed over (as in README's drop-in).
   configCredential = name: "${name}.toml";
 
-  # Per daemon: the files that never enter the store.
+  # Per daemon: whether it runs, how many (a stage), and the files that never enter the
+  # store.
+  daemonOptions =
+    name:
+    {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Whether kop-${name} runs on this host (with {option}`services.kop.enable`). Off,
+          it has no unit here and `kop.target` leaves it out: another host runs it, or none.
+        '';
+      };
+    }
+    // lib.optionalAttrs (builtins.elem name stages) {
+      instances = mkOption {
+        type = types.ints.positive;
+        default = 1;
+        example = 2;
+        description = ''
+          How many kop-${name} run on this host. One runs as `kop-${name}.service`; more
+          run as `kop-${name}@1.service`, `kop-${name}@2.service`, ... from the template
+          `kop-${name}@.service` (as systemd/kop-${name}@.service): members of one
+          consumer group sharing the partitions of the input, each with its own
+          transactional id (`KOP_INSTANCE_ID` = `<host name>-<N>`), metrics port
+          ({option}`services.kop.${name}.instanceMetricsPort` + N) and credentials
+          directory (`/run/credentials/kop-${name}@<N>.service`, which each instance's
+          file names in place of {option}`services.kop.${name}.credentialsDirectory`).
+          More instances than input partitions leave some idle.
+        '';
+      };
+
+      instanceMetricsPort = mkOption {
+        type = types.port;
+        default = instances.metricsBase name;
+        description = ''
+          With {option}`services.kop.${name}.instances` above 1, instance N serves its
+          metrics on this port + N (`METRICS_PORT`, in place of `metrics.listen`'s port).
+        '';
+      };
+    }
+    // secretOptions name;
+
   secretOptions = name: {
     credentials = mkOption {
       type = types.attrsOf runtimeFile;
@@ -123,6 +215,8 @@ let
       description = ''
         Where kop-${name} finds its {option}`services.kop.${name}.credentials` (read-only):
         `''${config.services.kop.${name}.credentialsDirectory}/kafka.key` in `settings`.
+        Each instance of a stage run as several has its own directory, and its file
+        names that one wherever `settings` name this.
       '';
     };
 
@@ -207,7 +301,7 @@ let
     };
 in
 {
-  options.services.kop = lib.genAttrs names secretOptions // {
+  options.services.kop = lib.genAttrs names daemonOptions // {
     enable = mkEnableOption "kop, the Kafka Order Platform (kop-order, kop-payment, kop-inventory, kop-notification)";
 
     package = mkOption {
@@ -266,26 +360,42 @@ in
 
       environment.systemPackages = [ cfg.package ];
 
-      assertions = lib.concatMap credentialAssertions names;
+      assertions =
+        lib.concatMap credentialAssertions names
+        ++ [
+          {
+            assertion = lib.unique allMetricsPorts == allMetricsPorts;
+            message = "services.kop: two daemons or instances share a metrics port (${toString allMetricsPorts}); set services.kop.<name>.instanceMetricsPort or settings.<name>.metrics.listen.";
+          }
+        ];
 
       systemd.services = lib.listToAttrs (
         map (
           name:
           let
             daemon = cfg.${name};
+            several = instanceNumbers name != [ ];
+            files = instanceFiles name;
             configPath =
-              if daemon.configFile == null then
-                checkedConfigFile name
-              else
+              if daemon.configFile != null then
                 # Expanded by systemd, as in README's LoadCredential= drop-in.
-                "\${CREDENTIALS_DIRECTORY}/${configCredential name}";
+                "\${CREDENTIALS_DIRECTORY}/${configCredential name}"
+              else if several then
+                # %i: each instance its own file (instances.nix).
+                "${files}/%i.toml"
+              else
+                checkedConfigFile name;
           in
-          lib.nameValuePair (unitName name) {
-            description = "kop ${name} daemon";
-            wantedBy = [ "kop.target" ];
+          # A template is named "kop-<name>@" here (kop-<name>@.service); kop.target wants
+          # its instances by name, which systemd instantiates from it.
+          lib.nameValuePair (if several then "${unitName name}@" else unitName name) {
+            description = "kop ${name} daemon" + lib.optionalString several ", instance %i";
+            # An instance is wanted by kop.target (below); a template cannot be.
+            wantedBy = lib.optional (!several) "kop.target";
             partOf = [ "kop.target" ];
             wants = [ "network-online.target" ] ++ kafkaAfter;
             after = [ "network-online.target" ] ++ kafkaAfter;
+            environment = mkIf several { KOP_INSTANCE_ID = instances.instanceId; };
             # The [Service] section of systemd/kop-${name}.service (see unit.nix); each
             # setting can be overridden without mkForce.
             serviceConfig = lib.mapAttrs (_: mkDefault) (removeAttrs unit.serviceConfig [ "Type" ]) // {
@@ -295,20 +405,26 @@ in
               ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
               # Read by systemd when the daemon starts; never in the store.
               LoadCredential = mkIf (loadCredentials name != [ ]) (loadCredentials name);
-              EnvironmentFile = mkIf (daemon.environmentFile != null) daemon.environmentFile;
+              # The instance's metrics port first: a later file overrides an earlier one.
+              EnvironmentFile = mkIf (several || daemon.environmentFile != null) (
+                lib.optional several "${files}/%i.env"
+                ++ lib.optional (daemon.environmentFile != null) daemon.environmentFile
+              );
             };
           }
-        ) names
+        ) enabled
       );
 
       systemd.targets.kop = {
         description = "kop, the Kafka Order Platform (all four daemons)";
         wantedBy = [ "multi-user.target" ];
-        wants = map (name: "${unitName name}.service") names;
-        after = map (name: "${unitName name}.service") names;
+        wants = lib.concatMap unitsOf enabled;
+        after = lib.concatMap unitsOf enabled;
       };
 
-      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall ([ apiPort ] ++ map metricsPort names);
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
+        lib.optional (cfg.order.enable) apiPort ++ allMetricsPorts
+      );
     }
 
     (mkIf cfg.local.enable {
@@ -374,7 +490,10 @@ in
           scrape_interval = "5s";
           evaluation_interval = "5s";
         };
-        scrapeConfigs = import ./scrape.nix { inherit ports; };
+        scrapeConfigs = import ./scrape.nix {
+          inherit ports;
+          kopPorts = allMetricsPorts;
+        };
         # promtool checks them when the system is built.
         ruleFiles = [ ../docker/prometheus/alerts.yml ];
       };

@@ -13,6 +13,14 @@
     notification.metrics = 9103;
   };
 
+  # Instances of a stage (services.kop.<stage>.instances, systemd/kop-<stage>@.service):
+  # instance N gets metrics port base + N (9111, 9112, ... for kop-payment@1, @2, ...).
+  instances = {
+    payment = 9110;
+    inventory = 9120;
+    notification = 9130;
+  };
+
   kafka = 9092;
   kafkaController = 9093;
   # kminion, the Kafka exporter of nixpkgs (services.prometheus.exporters.kafka).

@@ -2,7 +2,17 @@
 # and `nix run .#platform`). Same job names as docker/prometheus/prometheus.yml, so the
 # rules in docker/prometheus/alerts.yml and the dashboard read the same series.
 # Plain data: no nixpkgs needed.
-{ ports }:
+# kopPorts: the metrics ports of the daemons on the host (the NixOS module passes those of
+# the daemons it runs and of their instances).
+{
+  ports,
+  kopPorts ? map (name: ports.daemons.${name}.metrics) [
+    "order"
+    "payment"
+    "inventory"
+    "notification"
+  ],
+}:
 let
   target = port: "127.0.0.1:${toString port}";
 in
@@ -17,12 +27,7 @@ in
     metrics_path = "/metrics";
     static_configs = [
       {
-        targets = map (name: target ports.daemons.${name}.metrics) [
-          "order"
-          "payment"
-          "inventory"
-          "notification"
-        ];
+        targets = map target kopPorts;
       }
     ];
   }

@@ -1,13 +1,14 @@
-# The [Service] section shared by the four units in systemd/ (kop-<name>.service), as
-# NixOS `serviceConfig`. The NixOS module adds ExecStart and ExecReload (store paths),
-# and LoadCredential= and EnvironmentFile= from its per-daemon options (the units show
-# them as commented drop-in lines).
+# The [Service] section shared by the four units in systemd/ (kop-<name>.service) and the
+# stages' templates (kop-<name>@.service), as NixOS `serviceConfig`. The NixOS module adds
+# ExecStart and ExecReload (store paths), LoadCredential= and EnvironmentFile= from its
+# per-daemon options (the units show them as commented drop-in lines), and a template's
+# instance settings (instances.nix).
 #
 # Plain data, no nixpkgs: tests/nix_files.rs evaluates this file with
 # `nix-instantiate --eval` and fails when it differs from the [Service] section of any
 # systemd/kop-*.service (ExecStart, ExecReload and ConfigurationDirectory aside: the
-# module runs a store path on a generated, checked file from the store, not /etc/kop).
-# Change both together.
+# module runs a store path on a generated, checked file from the store, not /etc/kop; and
+# a template's Environment= and EnvironmentFile=). Change both together.
 {
   serviceConfig = {
     Type = "notify";

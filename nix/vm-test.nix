@@ -2,15 +2,39 @@
 # KRaft mode, Prometheus + kminion, Grafana). Orders go in through the API and must come
 # out of inventory.reserved exactly once; journald, Prometheus and Grafana are checked;
 # the secrets options hand files from outside the store to the daemons; each daemon,
-# stopped with orders in flight, drains (exits 0 by itself) and loses no order.
+# stopped with orders in flight, drains (exits 0 by itself) and loses no order. kop-payment
+# runs as two instances (kop-payment@1, @2) that share the partitions of orders.created.
 #
 # tests/nix_files.rs evaluates this file with stand-ins for pkgs and self and checks the
 # testScript as the test driver's build does (Python syntax, pyflakes).
 { pkgs, self }:
 let
   ports = import ./ports.nix;
-  daemons = pkgs.lib.mapAttrsToList (name: _: name) ports.daemons;
+  instances = import ./instances.nix { inherit ports; };
   kafka = "127.0.0.1:${toString ports.kafka}";
+  # services.kop.payment.instances: kop-payment@1 and @2 in place of kop-payment.
+  payments = instances.numbers 2;
+  # The units and their metrics ports, as the module names and numbers them.
+  daemons =
+    [
+      {
+        unit = "kop-order.service";
+        port = ports.daemons.order.metrics;
+      }
+    ]
+    ++ map (n: {
+      unit = "${instances.unitName "payment" n}.service";
+      port = instances.metricsPort (instances.metricsBase "payment") n;
+    }) payments
+    ++ map
+      (name: {
+        unit = "kop-${name}.service";
+        port = ports.daemons.${name}.metrics;
+      })
+      [
+        "inventory"
+        "notification"
+      ];
 in
 pkgs.testers.runNixOSTest {
   name = "kop";
@@ -34,6 +58,7 @@ pkgs.testers.runNixOSTest {
         # settings' point of view by its path, an environment file, and a whole
         # configuration file handed over as a credential.
         payment.credentials."kafka-ca.pem" = "/etc/kop-secrets/kafka-ca.pem";
+        payment.instances = builtins.length payments;
         inventory.environmentFile = "/etc/kop-secrets/inventory.env";
         notification.configFile = "/etc/kop-secrets/notification.toml";
       };
@@ -82,9 +107,9 @@ pkgs.testers.runNixOSTest {
       import json
       import shlex
 
-      daemons = ${builtins.toJSON daemons}
-      units = [f"kop-{daemon}.service" for daemon in daemons]
-      metrics_ports = ${builtins.toJSON (map (name: ports.daemons.${name}.metrics) daemons)}
+      units = ${builtins.toJSON (map (d: d.unit) daemons)}
+      metrics_ports = ${builtins.toJSON (map (d: d.port) daemons)}
+      payments = ${builtins.toJSON (map (n: "${instances.unitName "payment" n}.service") payments)}
       api = "http://127.0.0.1:${toString ports.daemons.order.api}"
       brokers = "${kafka}"
       prometheus = "http://127.0.0.1:${toString ports.prometheus}"
@@ -172,8 +197,8 @@ pkgs.testers.runNixOSTest {
           machine.wait_for_open_port(${toString ports.kafka})
 
       with subtest("the daemons report READY=1 (Type=notify) and serve /readyz"):
-          for daemon in daemons:
-              machine.wait_for_unit(f"kop-{daemon}.service")
+          for unit in units:
+              machine.wait_for_unit(unit)
           machine.wait_for_unit("kop.target")
           machine.wait_for_open_port(${toString ports.daemons.order.api})
           for port in metrics_ports:
@@ -192,11 +217,15 @@ pkgs.testers.runNixOSTest {
           assert (
               "--config /run/credentials/kop-notification.service/notification.toml" in command
           ), command
-          # credentials: where services.kop.payment.credentialsDirectory says, for settings.
-          machine.succeed(
-              "cmp /etc/kop-secrets/kafka-ca.pem "
-              "${nodes.machine.services.kop.payment.credentialsDirectory}/kafka-ca.pem"
+          # credentials: each instance has its own directory (the settings of each name it
+          # where they name services.kop.payment.credentialsDirectory).
+          assert "${nodes.machine.services.kop.payment.credentialsDirectory}" == (
+              "/run/credentials/kop-payment.service"
           )
+          for unit in payments:
+              machine.succeed(
+                  f"cmp /etc/kop-secrets/kafka-ca.pem /run/credentials/{unit}/kafka-ca.pem"
+              )
           # environmentFile: the variables are in kop-inventory's environment.
           pid = machine.succeed("systemctl show -P MainPID kop-inventory.service").strip()
           machine.succeed(f"tr '\\0' '\\n' < /proc/{pid}/environ | grep -qx 'KAFKA_BROKERS={brokers}'")
@@ -217,10 +246,45 @@ pkgs.testers.runNixOSTest {
           keys = reserved_keys()
           assert sorted(keys) == sorted(orders), keys
 
+      with subtest("the instances of kop-payment share the partitions, each its own producer"):
+
+          def payments_share_partitions(last_try):
+              """Each instance logs its assignment (input and retry partitions) at every
+              rebalance: the last one of each must be non-empty, and together they must hold
+              all 2 x 3 partitions (the range assignor gives each to one member). Each
+              initialised its own transactional id, <host>-<instance> (%H-%i)."""
+              held = {}
+              for n, unit in enumerate(payments, start=1):
+                  entries = [
+                      json.loads(line)
+                      for line in machine.succeed(
+                          f"journalctl --no-pager -b -u {unit} -o json "
+                          "--output-fields=MESSAGE,PARTITIONS,TRANSACTIONAL_ID"
+                      ).splitlines()
+                  ]
+                  producers = {entry.get("TRANSACTIONAL_ID") for entry in entries} - {None}
+                  assert producers == {f"kop-payment-service-machine-{n}"}, (unit, producers)
+                  events = [
+                      entry
+                      for entry in entries
+                      if entry.get("MESSAGE") in ("partitions assigned", "partitions revoked")
+                  ]
+                  last = events[-1] if events else {}
+                  if last.get("MESSAGE") == "partitions assigned":
+                      held[unit] = int(last["PARTITIONS"])
+              shared = len(held) == len(payments) and 0 not in held.values()
+              if shared and sum(held.values()) == 6:
+                  return True
+              assert not last_try, f"the partitions held by each instance: {held}"
+              return False
+
+          retry(payments_share_partitions, timeout=120)
+
       with subtest("journald finds an order by its ORDER_ID field"):
-          for daemon in ["payment", "inventory", "notification"]:
+          # Either instance of kop-payment may have handled it.
+          for units_of in ["kop-payment@*", "kop-inventory.service", "kop-notification.service"]:
               machine.wait_until_succeeds(
-                  f"journalctl -u kop-{daemon}.service ORDER_ID={orders[0]} -o export "
+                  f"journalctl -u '{units_of}' ORDER_ID={orders[0]} -o export "
                   f"| grep -qx 'ORDER_ID={orders[0]}'",
                   timeout=60,
               )
@@ -229,7 +293,9 @@ pkgs.testers.runNixOSTest {
           machine.wait_for_unit("prometheus.service")
           machine.wait_for_unit("prometheus-kafka-exporter.service")
           machine.wait_until_succeeds(
-              prometheus_has('count(up{job="kop"} == 1)', '.data.result[0].value[1] == "4"'),
+              prometheus_has(
+                  'count(up{job="kop"} == 1)', f'.data.result[0].value[1] == "{len(units)}"'
+              ),
               timeout=120,
           )
           machine.wait_until_succeeds(

@@ -20,7 +20,11 @@
 #     orders posted while it was down and after it came back all arrive;
 #   - a stalled processing loop ([simulate] stall = true in inventory.toml) is killed by
 #     the watchdog and restarted; with the file restored, the pipeline flows again;
-#   - a configuration error: the daemon exits 78 and is not restarted.
+#   - a configuration error: the daemon exits 78 and is not restarted;
+#   - kop-payment@1 and kop-payment@2 (the template, kop-payment masked) share the
+#     partitions of orders.created: each holds some, together all, each under its own
+#     transactional id (<host>-<instance>) and metrics port; orders posted then reach the
+#     last topic exactly once; kop.target stops (drained) and starts them with the others.
 #
 # Needs root, debootstrap, systemd-nspawn (Debian package systemd-container), nsenter,
 # kcat, curl, cargo, and a Kafka broker in KOP_TEST_BROKERS reachable on the host's network
@@ -91,7 +95,7 @@ container_running() {
 dump_diagnostics() {
 	if container_running && [[ -n $LEADER ]]; then
 		log "--- systemctl status kop.target kop-*.service (in the container)"
-		in_container systemctl status --no-pager -n 0 kop.target "${UNITS[@]}" >&2 || true
+		in_container systemctl status --no-pager -n 0 kop.target "${UNITS[@]}" 'kop-payment@*' >&2 || true
 		log "--- journal of the kop units (last 150 lines)"
 		in_container journalctl --no-pager -n 150 -u 'kop*' >&2 || true
 	fi
@@ -435,21 +439,24 @@ wait_state() {
 	done
 }
 
-assert_all() { # assert_all STATE: each daemon is in it right now
-	local unit state
-	for unit in "${UNITS[@]}"; do
+assert_all() { # assert_all STATE [UNIT...]: each daemon (or each unit given) is in it right now
+	local unit state want=$1
+	shift
+	(($# > 0)) || set -- "${UNITS[@]}"
+	for unit in "$@"; do
 		state=$(prop "$unit" ActiveState)
-		[[ $state == "$1" ]] || die "$unit is $state/$(prop "$unit" SubState), not $1"
+		[[ $state == "$want" ]] || die "$unit is $state/$(prop "$unit" SubState), not $want"
 	done
 }
 
 # Each daemon drained: it exited by itself with status 0. systemd also counts a process
 # killed by SIGTERM as Result=success, so the exit code is checked too (ExecMainCode 1 is
 # CLD_EXITED; 2 would be killed by the signal).
-assert_stopped_cleanly() {
-	wait_state 60 inactive "${UNITS[@]}"
+assert_stopped_cleanly() { # [UNIT...], by default the four daemons
+	(($# > 0)) || set -- "${UNITS[@]}"
+	wait_state 60 inactive "$@"
 	local unit result code status
-	for unit in "${UNITS[@]}"; do
+	for unit in "$@"; do
 		result=$(prop "$unit" Result)
 		code=$(prop "$unit" ExecMainCode)
 		status=$(prop "$unit" ExecMainStatus)
@@ -500,8 +507,10 @@ expect_all_delivered() {
 
 check_unit_files() {
 	local out
+	# A template is verified as its instance "i".
 	out=$(in_container systemd-analyze verify /lib/systemd/system/kop-{order,payment,inventory,notification}.service \
-		/lib/systemd/system/kop.target 2>&1) || die "systemd-analyze verify failed:
+		/lib/systemd/system/kop-{payment,inventory,notification}@.service /lib/systemd/system/kop.target 2>&1) ||
+		die "systemd-analyze verify failed:
 $out"
 	[[ -z $out ]] || die "systemd-analyze verify printed:
 $out"
@@ -699,6 +708,112 @@ EOF
 	wait_state 30 active kop-notification
 }
 
+# The partitions a stage's unit holds since a time (@seconds): the count of its last
+# "partitions assigned" line, 0 after a "partitions revoked" one, empty if neither.
+held_partitions() { # held_partitions UNIT SINCE
+	in_container journalctl --no-pager -u "$1" --since "@$2" -o export --output-fields=MESSAGE,PARTITIONS |
+		awk 'BEGIN { RS = ""; FS = "\n"; held = "" }
+		{
+			message = ""; count = ""
+			for (i = 1; i <= NF; i++) {
+				if ($i ~ /^MESSAGE=/) message = substr($i, 9)
+				else if ($i ~ /^PARTITIONS=/) count = substr($i, 12)
+			}
+			if (message == "partitions assigned") held = count
+			else if (message == "partitions revoked") held = 0
+		}
+		END { print held }'
+}
+
+# Two instances of kop-payment from its template, in place of kop-payment.service, as the
+# template's header says to run them. The group's range assignor gives each partition of
+# orders.created and its retry topic (3 + 3) to one member; with two, each gets some.
+check_instances() {
+	local root=$RUN_DIR/root n port since host taken=("$HTTP_PORT" "${METRICS_PORT[@]}")
+	local instances=(kop-payment@1 kop-payment@2) ports=()
+	in_container systemctl stop kop-payment || die "systemctl stop kop-payment failed"
+	in_container systemctl mask --quiet kop-payment || die "systemctl mask kop-payment failed"
+	for n in 1 2; do
+		port=$(free_port "${taken[@]}")
+		taken+=("$port")
+		ports+=("$port")
+		echo "METRICS_PORT=$port" >"$root/etc/kop/payment@$n.env"
+		chmod 0644 "$root/etc/kop/payment@$n.env"
+	done
+	since=$(in_container date +%s)
+	in_container timeout 150 systemctl enable --quiet --now "${instances[@]}" ||
+		die "systemctl enable --now ${instances[*]} failed"
+	assert_all active "${instances[@]}"
+	log "kop-payment masked; ${instances[*]} enabled and active (READY=1), metrics on :${ports[0]} and :${ports[1]}"
+
+	local out score
+	for n in 0 1; do
+		out=$(in_container systemd-analyze security "${instances[n]}" 2>&1) ||
+			die "systemd-analyze security ${instances[n]} failed:
+$out"
+		score=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+		awk -v s="$score" -v max="$MAX_EXPOSURE" 'BEGIN { exit !(s != "" && s <= max) }' ||
+			die "${instances[n]}: exposure '$score' is not at most $MAX_EXPOSURE:
+$out"
+		port=${ports[n]}
+		[[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$port/readyz") == 200 ]] ||
+			die "${instances[n]}: GET :$port/readyz is not 200"
+	done
+	log "systemd-analyze security: ${instances[*]} at most $MAX_EXPOSURE; each answers /readyz on its own port"
+
+	# Each its own producer: the transactional id kop-<service name>-<host>-<instance>.
+	host=$(in_container cat /proc/sys/kernel/hostname)
+	local id
+	for n in 1 2; do
+		id="kop-$PREFIX-payment-service-$host-$n"
+		in_container journalctl --no-pager -u "kop-payment@$n" --since "@$since" -o export \
+			--output-fields=TRANSACTIONAL_ID | grep -qxF "TRANSACTIONAL_ID=$id" ||
+			die "kop-payment@$n did not initialise transactions as $id:
+$(in_container journalctl --no-pager -o cat -u "kop-payment@$n" --since "@$since" | tail -n 20)"
+	done
+	log "transactional ids: kop-$PREFIX-payment-service-$host-1 and -2"
+
+	# Once the group has settled, each holds some partitions and together all six.
+	local deadline=$((SECONDS + 60)) one two
+	while :; do
+		one=$(held_partitions kop-payment@1 "$since")
+		two=$(held_partitions kop-payment@2 "$since")
+		((${one:-0} > 0 && ${two:-0} > 0 && one + two == 6)) && break
+		((SECONDS < deadline)) || die "the partitions are not shared after 60 s: kop-payment@1 holds ${one:-none}, kop-payment@2 ${two:-none} (of 6: orders.created and its retry topic, 3 each)"
+		sleep 1
+	done
+	log "partitions shared: kop-payment@1 holds $one, kop-payment@2 $two of 6"
+
+	post_orders instances 30
+	expect_all_delivered
+	local topic=$PREFIX.orders.created consumed
+	for n in 0 1; do
+		consumed=$(curl -sS --max-time 10 "http://127.0.0.1:${ports[n]}/metrics" |
+			awk -v t="topic=\"$topic\"" '$1 ~ /^kafka_messages_consumed_total\{/ && index($1, t) { print $2 }')
+		awk -v c="${consumed:-0}" 'BEGIN { exit !(c > 0) }' ||
+			die "${instances[n]} consumed nothing from $topic (kafka_messages_consumed_total: ${consumed:-absent})"
+		log "${instances[n]} consumed $consumed records of $topic"
+	done
+
+	# kop.target wants the enabled instances: it stops them with the rest, drained, and
+	# starts them again.
+	local all=(kop-order kop-inventory kop-notification "${instances[@]}")
+	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
+	assert_stopped_cleanly "${all[@]}"
+	in_container timeout 150 systemctl start kop.target || die "systemctl start kop.target failed"
+	assert_all active "${all[@]}"
+	[[ $(prop kop-payment ActiveState) == inactive ]] || die "the masked kop-payment is $(prop kop-payment ActiveState)"
+	log "kop.target stopped the instances with the others (each exited 0 after draining) and started them again"
+	post_orders instances-again 10
+	expect_all_delivered
+
+	# Back to kop-payment.service for what follows.
+	in_container systemctl disable --quiet --now "${instances[@]}" || die "systemctl disable --now ${instances[*]} failed"
+	in_container systemctl unmask --quiet kop-payment || die "systemctl unmask kop-payment failed"
+	in_container timeout 150 systemctl start kop-payment || die "systemctl start kop-payment failed"
+	assert_all active
+}
+
 main() {
 	case ${1:-} in
 	-h | --help)
@@ -744,6 +859,7 @@ main() {
 	check_watchdog
 	check_config_error
 	check_credential
+	check_instances
 
 	in_container systemctl stop kop.target || die "systemctl stop kop.target failed"
 	assert_stopped_cleanly

@@ -155,7 +155,8 @@ fn source_of(env: &dyn Env, var: &'static str, origin: &Origin, key: &str) -> (O
 pub struct Common {
     /// `service` label on metrics and in logs (`SERVICE_NAME`).
     pub service_name: String,
-    /// Distinguishes instances of one service; part of the transactional id.
+    /// Distinguishes instances of one service; part of the transactional id and the
+    /// client id. Defaults to the host name (see [`instance_id`]).
     pub instance_id: String,
     pub log: LogConfig,
     /// Listen address of `/metrics`, `/healthz`, `/readyz` (`METRICS_PORT` sets the port).
@@ -790,10 +791,7 @@ fn common(
             .get("SERVICE_NAME")
             .or(svc.name)
             .unwrap_or_else(|| service.default_service_name()),
-        instance_id: env
-            .get("KOP_INSTANCE_ID")
-            .or(svc.instance_id)
-            .unwrap_or_else(|| "0".into()),
+        instance_id: instance_id(env, &origin, svc.instance_id, host_name)?,
         log,
         metrics_listen,
         kafka,
@@ -803,6 +801,73 @@ fn common(
     };
     validate_kafka_properties(&common, brokers_from_env.is_some())?;
     Ok(common)
+}
+
+/// Where the default instance id comes from: the kernel's host name, the same as
+/// `hostname` prints and systemd's `%l`/`%H` start from.
+const HOST_NAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+/// The host name, or why there is none. The kernel says `(none)` when it was never set.
+pub fn host_name() -> Result<String, String> {
+    let text = std::fs::read_to_string(HOST_NAME_FILE)
+        .map_err(|e| format!("cannot read {HOST_NAME_FILE}: {e}"))?;
+    let name = text.trim();
+    if name.is_empty() || name == "(none)" {
+        return Err(format!("{HOST_NAME_FILE} holds no host name"));
+    }
+    Ok(name.to_string())
+}
+
+/// The instance id: `KOP_INSTANCE_ID`, else `[service] instance_id`, else the host name,
+/// so that the same file on several hosts gives each its own transactional id (two
+/// producers sharing one fence each other in turn). It becomes part of the transactional
+/// id and the client id: Kafka's legal characters for those, as for topic names.
+fn instance_id(
+    env: &dyn Env,
+    origin: &Origin,
+    from_file: Option<String>,
+    host_name: fn() -> Result<String, String>,
+) -> Result<String, ConfigError> {
+    const KEY: &str = "service.instance_id";
+    let (id, origin, key, what) = match (env.get("KOP_INSTANCE_ID"), from_file) {
+        (Some(id), _) => (id, Origin::Env("KOP_INSTANCE_ID"), "KOP_INSTANCE_ID", ""),
+        (None, Some(id)) => (id, origin.clone(), KEY, ""),
+        (None, None) => match host_name() {
+            Ok(name) => (name, origin.clone(), KEY, " (the host name, the default)"),
+            Err(why) => {
+                return Err(invalid(
+                    origin,
+                    KEY,
+                    format!(
+                        "not set, and the host name it defaults to is unknown ({why}); \
+                         set it, or KOP_INSTANCE_ID"
+                    ),
+                ));
+            }
+        },
+    };
+    let legal = !id.is_empty()
+        && id.len() <= 249
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if legal {
+        Ok(id)
+    } else {
+        let hint = if what.is_empty() {
+            ""
+        } else {
+            "; set service.instance_id or KOP_INSTANCE_ID"
+        };
+        Err(invalid(
+            &origin,
+            key,
+            format!(
+                "`{id}`{what} is not a legal instance id (1..249 of [a-zA-Z0-9._-]: it is \
+                 part of the transactional id and the client id){hint}"
+            ),
+        ))
+    }
 }
 
 /// Lets librdkafka itself judge the passthrough properties, so that a typo fails at start
@@ -1213,6 +1278,7 @@ mod tests {
         let o = OrderConfig::load(None, &env(&[])).unwrap();
         assert_eq!(o.listen.port(), 4000);
         assert_eq!(o.common.metrics_listen.port(), 9100);
+        assert_eq!(Ok(c.common.instance_id), host_name());
         let n = StageConfig::load(Service::Notification, None, &env(&[])).unwrap();
         assert_eq!(n.output, None);
         assert_eq!(n.common.metrics_listen.port(), 9103);
@@ -1303,6 +1369,56 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("`verbose` is not a level"), "{msg}");
+    }
+
+    #[test]
+    fn the_instance_id_defaults_to_the_host_name() {
+        fn host() -> Result<String, String> {
+            Ok("node-7.example".into())
+        }
+        fn no_host() -> Result<String, String> {
+            Err("/proc/sys/kernel/hostname holds no host name".into())
+        }
+        let file = Origin::File("kop.toml".into());
+        let id = |e: &[(&'static str, &'static str)], from_file: Option<&str>| {
+            instance_id(&env(e), &file, from_file.map(String::from), host)
+        };
+        assert_eq!(id(&[], None).unwrap(), "node-7.example");
+        assert_eq!(id(&[], Some("a")).unwrap(), "a");
+        assert_eq!(id(&[("KOP_INSTANCE_ID", "b")], Some("a")).unwrap(), "b");
+
+        let msg = id(&[("KOP_INSTANCE_ID", "two words")], Some("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("environment variable KOP_INSTANCE_ID: `two words`"),
+            "{msg}"
+        );
+        let msg = id(&[], Some("a/b")).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("kop.toml: key `service.instance_id`: `a/b` is not"),
+            "{msg}"
+        );
+        let msg = instance_id(&env(&[]), &file, None, || Ok("höst".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("`höst` (the host name, the default)")
+                && msg.contains("set service.instance_id or KOP_INSTANCE_ID"),
+            "{msg}"
+        );
+        let msg = instance_id(&env(&[]), &file, None, no_host)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("service.instance_id") && msg.contains("holds no host name"),
+            "{msg}"
+        );
+        // Without a host name, a set id is all it takes.
+        assert_eq!(
+            instance_id(&env(&[]), &file, Some("a".into()), no_host).unwrap(),
+            "a"
+        );
     }
 
     #[test]

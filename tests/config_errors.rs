@@ -229,6 +229,8 @@ fn bad_environment_value_names_the_variable() {
         ("payment", "ORDER_TOPIC", "bad topic!"),
         ("inventory", "INVENTORY_RESERVED_TOPIC", "no/slashes"),
         ("notification", "INVENTORY_DLQ_TOPIC", "x y"),
+        ("payment", "KOP_INSTANCE_ID", "node 1"),
+        ("order", "KOP_INSTANCE_ID", "node/1"),
     ] {
         let config = repo().join(format!("etc/kop/{service}.toml"));
         let outcome = run(service, &["--config", path_str(&config)], &[(var, value)]);
@@ -263,6 +265,29 @@ fn bad_environment_value_names_the_variable() {
             outcome.stderr
         );
     }
+}
+
+/// The instance id is part of the transactional id and the client id: Kafka's characters
+/// only, whether it comes from the file or (above) the environment.
+#[test]
+fn an_illegal_instance_id_names_file_and_key() {
+    for service in ["order", "payment", "inventory", "notification"] {
+        expect_config_error(
+            service,
+            "[service]\ninstance_id = \"node 1\"\n",
+            &[],
+            &["service.instance_id", "`node 1`", "not a legal instance id"],
+        );
+    }
+    // Set, it overrides the file's; legal, it is accepted.
+    let dir = TempDir::new();
+    let path = dir.write("payment.toml", "[service]\ninstance_id = \"node 1\"\n");
+    let outcome = run(
+        "payment",
+        &["--check-config", "--config", path_str(&path)],
+        &[("KOP_INSTANCE_ID", "node-1.example_2")],
+    );
+    assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! - flake.lock pins nixpkgs, and only nixpkgs, to a real revision of the branch that
 //!   flake.nix asks for;
 //! - the plain-data files evaluate and agree with what they describe: nix/ports.nix with
-//!   etc/kop/*.toml, nix/unit.nix with the [Service] sections of systemd/kop-*.service.
+//!   etc/kop/*.toml, nix/unit.nix with the [Service] sections of systemd/kop-*.service
+//!   (templates included), nix/instances.nix with the templates systemd/kop-*@.service;
 //! - the script of `nix run .#platform` (nix/platform.nix, a `writeShellApplication`) is
 //!   evaluated with stand-ins for the packages, wrapped as writeShellApplication wraps it,
 //!   and must pass `bash -n` and the ShellCheck release nixpkgs builds it with (0.11 or
@@ -320,15 +321,25 @@ fn nix_unit_settings_mirror_the_systemd_units() {
         })
         .collect();
     units.sort();
-    assert_eq!(units.len(), 4, "four units: {units:?}");
+    assert_eq!(
+        units.len(),
+        7,
+        "four units and the three stages' templates: {units:?}"
+    );
 
     for unit in units {
         let text = std::fs::read_to_string(&unit).expect("unit file");
         let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (key, value) in service_section(&text) {
+            // A template's instance settings are the module's own (nix/instances.nix),
+            // checked against the templates below.
             if !matches!(
                 key.as_str(),
-                "ExecStart" | "ExecReload" | "ConfigurationDirectory"
+                "ExecStart"
+                    | "ExecReload"
+                    | "ConfigurationDirectory"
+                    | "Environment"
+                    | "EnvironmentFile"
             ) {
                 settings.entry(key).or_default().push(value);
             }
@@ -349,6 +360,128 @@ fn nix_unit_settings_mirror_the_systemd_units() {
             "{} and nix/unit.nix differ:\n{}",
             unit.display(),
             differences.join("\n")
+        );
+    }
+}
+
+/// nix/instances.nix, evaluated: what the NixOS module makes of `instances = 3`.
+const INSTANCES: &str = r#"
+let
+  ports = import ./nix/ports.nix;
+  i = import ./nix/instances.nix { inherit ports; };
+  dir = "/run/credentials/kop-payment.service";
+in
+{
+  inherit (i) instanceId;
+  one = i.numbers 1;
+  three = map (i.unitName "payment") (i.numbers 3);
+  bases = ports.instances;
+  environment = map (i.environment (i.metricsBase "payment")) (i.numbers 2);
+  settings = i.settingsOf "payment" 2 {
+    kafka."ssl.key.location" = "${dir}/kafka.key";
+    kafka."ssl.ca.location" = "/etc/kop/ca.pem";
+    retry.delays = [ "1s" "${dir}/x" ];
+    retry.max_attempts = 3;
+  };
+}
+"#;
+
+/// The module runs instances of a stage as systemd/kop-<stage>@.service does: the same
+/// instance id, a metrics port from an environment file per instance (the example the
+/// template gives is the module's number), and a credentials directory of the instance's
+/// own named in its settings.
+#[test]
+fn nix_instances_agree_with_the_template_units() {
+    let json = nix_instantiate(&[
+        "--eval",
+        "--strict",
+        "--json",
+        "--readonly-mode",
+        "-E",
+        INSTANCES,
+    ]);
+    let i: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(i["one"], serde_json::json!([]), "one instance: no template");
+    assert_eq!(
+        i["three"],
+        serde_json::json!(["kop-payment@1", "kop-payment@2", "kop-payment@3"])
+    );
+    assert_eq!(
+        i["environment"],
+        serde_json::json!(["METRICS_PORT=9111\n", "METRICS_PORT=9112\n"])
+    );
+    let dir = "/run/credentials/kop-payment@2.service";
+    assert_eq!(
+        i["settings"],
+        serde_json::json!({
+            "kafka": {
+                "ssl.key.location": format!("{dir}/kafka.key"),
+                "ssl.ca.location": "/etc/kop/ca.pem",
+            },
+            "retry": { "delays": ["1s", format!("{dir}/x")], "max_attempts": 3 },
+        })
+    );
+
+    let bases = i["bases"].as_object().expect("ports.instances");
+    assert_eq!(
+        bases.keys().collect::<Vec<_>>(),
+        ["inventory", "notification", "payment"]
+    );
+    let mut ports: Vec<u64> = bases.values().filter_map(|p| p.as_u64()).collect();
+    let ports_nix = eval_json("nix/ports.nix");
+    for daemon in ports_nix["daemons"].as_object().expect("daemons").values() {
+        ports.extend(
+            daemon
+                .as_object()
+                .expect("ports")
+                .values()
+                .filter_map(|p| p.as_u64()),
+        );
+    }
+    ports.extend(
+        ports_nix
+            .as_object()
+            .expect("ports.nix")
+            .values()
+            .filter_map(|p| p.as_u64()),
+    );
+    for (stage, base) in bases {
+        let base = base.as_u64().expect("port");
+        // Nine instances of a stage stay clear of every other port of ports.nix.
+        for n in 1..=9 {
+            assert!(
+                !ports.contains(&(base + n)),
+                "{stage}@{n}: metrics port {} is taken in nix/ports.nix",
+                base + n
+            );
+        }
+        let file = format!("systemd/kop-{stage}@.service");
+        let text = std::fs::read_to_string(repo().join(&file)).expect(&file);
+        let section = service_section(&text);
+        let values = |key: &str| -> Vec<&str> {
+            section
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(
+            values("Environment"),
+            [format!(
+                "KOP_INSTANCE_ID={}",
+                i["instanceId"].as_str().expect("id")
+            )],
+            "{file}"
+        );
+        assert_eq!(
+            values("EnvironmentFile"),
+            [format!("/etc/kop/{stage}@%i.env")],
+            "{file}"
+        );
+        let example = format!("echo METRICS_PORT={} >/etc/kop/{stage}@1.env", base + 1);
+        assert!(
+            text.contains(&example),
+            "{file}: the example `{example}`, the module's port of instance 1"
         );
     }
 }

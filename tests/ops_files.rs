@@ -1,5 +1,6 @@
 //! The operations files under `docker/` checked against the code: the compose stack, the
-//! Prometheus configuration and alert rules, the Grafana provisioning and dashboard.
+//! Prometheus configuration and alert rules, the Grafana provisioning and dashboard; and
+//! the template units of `systemd/` against the plain units they run several of.
 //!
 //! The tools these checks run — `docker-compose`, `promtool` (Debian package `prometheus`)
 //! and `python3` with PyYAML (`python3-yaml`, a dependency of `docker-compose`) — must be
@@ -967,5 +968,73 @@ fn grafana_is_provisioned_with_the_datasource_and_the_dashboard() {
     assert_eq!(scalar(&provider["options"]["path"]), dashboards_dir);
     if let Some(home) = env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH") {
         assert_eq!(home, &format!("{dashboards_dir}/kop.json"));
+    }
+}
+
+// ---- (e) the template units of systemd/ ----------------------------------------------------
+
+/// A unit file's settings by section, in order, comments and blank lines aside.
+fn unit_sections(path: &Path) -> BTreeMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = line.to_string();
+            sections.entry(section.clone()).or_default();
+        } else {
+            sections
+                .entry(section.clone())
+                .or_default()
+                .push(line.to_string());
+        }
+    }
+    sections
+}
+
+/// kop-<stage>@.service runs instances of kop-<stage>.service: the same unit, sandbox and
+/// all, but for the instance in its description, its instance id and its own environment
+/// file (the metrics port). kop-order has no template: several APIs on one host would each
+/// need a port of their own and something in front to spread the requests; more hosts do it.
+#[test]
+fn template_units_are_their_plain_units_plus_the_instance() {
+    let systemd = repo().join("systemd");
+    assert!(
+        !systemd.join("kop-order@.service").exists(),
+        "kop-order has no template (see this test's comment)"
+    );
+    for stage in ["payment", "inventory", "notification"] {
+        let plain = unit_sections(&systemd.join(format!("kop-{stage}.service")));
+        let mut template = unit_sections(&systemd.join(format!("kop-{stage}@.service")));
+        let name = format!("kop-{stage}@.service");
+
+        let unit = template.get_mut("[Unit]").expect("[Unit]");
+        let description = unit
+            .iter_mut()
+            .find(|l| l.starts_with("Description="))
+            .unwrap_or_else(|| panic!("{name}: no Description="));
+        assert!(
+            description.contains(&format!("kop {stage} stage, instance %i (")),
+            "{name}: {description}"
+        );
+        *description = description.replacen(", instance %i", "", 1);
+
+        let service = template.get_mut("[Service]").expect("[Service]");
+        let instance = [
+            "Environment=KOP_INSTANCE_ID=%H-%i".to_string(),
+            format!("EnvironmentFile=/etc/kop/{stage}@%i.env"),
+        ];
+        for line in &instance {
+            assert!(service.contains(line), "{name}: no {line}");
+        }
+        service.retain(|l| !instance.contains(l));
+
+        assert_eq!(
+            template, plain,
+            "{name} differs from kop-{stage}.service beyond the instance"
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! the units and the configuration in it as a package would, and checks start/stop of
 //! kop.target, READY=1, orders end to end, the journal fields, reload, restart after
 //! SIGKILL, the watchdog, no restart after a configuration error (exit 78), a configuration
-//! handed over with LoadCredential= and the units' hardening. Needs root and the test
-//! broker; it fails (never skips) without them.
+//! handed over with LoadCredential=, the units' hardening, and two instances of
+//! kop-payment from its template sharing the partitions, each order still handled once.
+//! Needs root and the test broker; it fails (never skips) without them.
 
 mod common;
 
