@@ -95,7 +95,7 @@ async fn start_on(
     }
     producer.flush(Duration::from_secs(10)).expect("flush");
     let name = unique("pay");
-    // As the stage builds it: kop-<service name>-<instance id>.
+    // As the stage builds it: kop-<service name>-<instance id> (set below).
     let transactional_id = format!("kop-{name}-0");
     // A retry waits 1 s, and never longer (x-retry-at is capped at the longest delay),
     // unless `extra` has a [retry] section of its own.
@@ -119,6 +119,7 @@ async fn start_on(
         r#"
 [service]
 name = "{name}"
+instance_id = "0"
 [kafka]
 "bootstrap.servers" = "{bootstrap}"
 "session.timeout.ms" = "3000"
