@@ -53,6 +53,32 @@ pub(super) fn invalid(origin: &Origin, key: &str, reason: impl Into<String>) -> 
     }
 }
 
+/// A count that must be positive.
+pub(super) fn positive(
+    origin: &Origin,
+    key: &str,
+    value: impl TryInto<u64>,
+) -> Result<(), ConfigError> {
+    if value.try_into().ok() == Some(0) {
+        return Err(invalid(origin, key, "must be positive"));
+    }
+    Ok(())
+}
+
+/// A duration that must be at least `min`.
+pub(super) fn at_least(
+    origin: &Origin,
+    key: &str,
+    value: Duration,
+    min: Duration,
+) -> Result<(), ConfigError> {
+    if value < min {
+        let min = humantime::format_duration(min);
+        return Err(invalid(origin, key, format!("must be at least {min}")));
+    }
+    Ok(())
+}
+
 /// librdkafka properties kop sets itself, because its guarantees or its health checks rest
 /// on them: a `[kafka]` value would be overridden, so it is refused.
 pub(super) fn owned_kafka_keys(

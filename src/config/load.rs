@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::common::{common, invalid, topic_name};
+use super::common::{at_least, common, invalid, positive, topic_name};
 use super::env::{Env, env_parse};
 use super::file::{OrderFile, StageFile, read_file};
 use super::{
@@ -64,26 +64,20 @@ impl OrderConfig {
             idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(60)),
             max_connections: http.max_connections.unwrap_or(4096),
         };
-        if config.max_body_bytes == 0 {
-            return Err(invalid(&origin, "http.max_body_bytes", "must be positive"));
-        }
-        if config.produce_timeout < Duration::from_millis(100) {
-            return Err(invalid(
-                &origin,
-                "http.produce_timeout",
-                "must be at least 100ms",
-            ));
-        }
-        if config.max_pending == 0 {
-            return Err(invalid(&origin, "http.max_pending", "must be positive"));
-        }
-        if config.stall_timeout < Duration::from_secs(1) {
-            return Err(invalid(
-                &origin,
-                "http.stall_timeout",
-                "must be at least 1s",
-            ));
-        }
+        positive(&origin, "http.max_body_bytes", config.max_body_bytes)?;
+        at_least(
+            &origin,
+            "http.produce_timeout",
+            config.produce_timeout,
+            Duration::from_millis(100),
+        )?;
+        positive(&origin, "http.max_pending", config.max_pending)?;
+        at_least(
+            &origin,
+            "http.stall_timeout",
+            config.stall_timeout,
+            Duration::from_secs(1),
+        )?;
         Ok(config)
     }
 }
@@ -280,36 +274,31 @@ impl StageConfig {
                 changelog,
             },
         };
-        if config.commit_max_records == 0 {
-            return Err(invalid(
-                &origin,
-                "stage.commit_max_records",
-                "must be positive",
-            ));
-        }
-        if config.commit_interval.is_zero() {
-            return Err(invalid(
-                &origin,
-                "stage.commit_interval",
-                "must be positive",
-            ));
-        }
-        if config.max_in_flight == 0 {
-            return Err(invalid(&origin, "stage.max_in_flight", "must be positive"));
-        }
-        if config.stall_timeout < Duration::from_secs(1) {
-            return Err(invalid(
-                &origin,
-                "stage.stall_timeout",
-                "must be at least 1s",
-            ));
-        }
-        if config.dedup.max_keys == 0 {
-            return Err(invalid(&origin, "dedup.max_keys", "must be positive"));
-        }
-        if config.dedup.window < Duration::from_secs(1) {
-            return Err(invalid(&origin, "dedup.window", "must be at least 1s"));
-        }
+        positive(
+            &origin,
+            "stage.commit_max_records",
+            config.commit_max_records,
+        )?;
+        at_least(
+            &origin,
+            "stage.commit_interval",
+            config.commit_interval,
+            Duration::from_millis(1),
+        )?;
+        positive(&origin, "stage.max_in_flight", config.max_in_flight)?;
+        at_least(
+            &origin,
+            "stage.stall_timeout",
+            config.stall_timeout,
+            Duration::from_secs(1),
+        )?;
+        positive(&origin, "dedup.max_keys", config.dedup.max_keys)?;
+        at_least(
+            &origin,
+            "dedup.window",
+            config.dedup.window,
+            Duration::from_secs(1),
+        )?;
         topic_name(&origin, "dedup.changelog", &config.dedup.changelog)?;
         Ok(config)
     }
