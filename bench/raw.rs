@@ -285,21 +285,10 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
         key.clear();
         key.push_str(&prefix);
         key.push_str(&i.to_string());
-        let mut record = BaseRecord::to(&topic)
+        let record = BaseRecord::to(&topic)
             .key(key.as_str())
             .payload(&payload[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The local queue is full: serve delivery reports until there is room.
-                    queue_full_waits += 1;
-                    record = back;
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(format!("send: {e}")),
-            }
-        }
+        send_when_room(&producer, record, &mut queue_full_waits)?;
         if i % 1024 == 0 {
             producer.poll(Duration::ZERO);
         }
@@ -445,21 +434,11 @@ fn preload(args: &Args, topic: &str, run_id: &str) -> Result<serde_json::Value, 
             key: "traceparent",
             value: Some(traceparent.as_str()),
         });
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .key(key.as_str())
             .payload(value.as_str())
             .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    queue_full_waits += 1;
-                    record = back;
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(format!("send: {e}")),
-            }
-        }
+        send_when_room(&producer, record, &mut queue_full_waits)?;
         if i % 1024 == 0 {
             producer.poll(Duration::ZERO);
         }
@@ -844,4 +823,28 @@ fn print_human(r: &serde_json::Value) {
         rate(&r["combined"]["rate"]),
         rate(&r["combined"]["seconds"])
     );
+}
+
+/// Hands a record to the producer; while its local queue is full, serves delivery reports
+/// until there is room (each wait counted in `waits`).
+fn send_when_room<K, P>(
+    producer: &BaseProducer<Deliveries>,
+    mut record: BaseRecord<'_, K, P>,
+    waits: &mut u64,
+) -> Result<(), String>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                *waits += 1;
+                record = back;
+                producer.poll(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(format!("send: {e}")),
+        }
+    }
 }
