@@ -350,6 +350,10 @@ impl Harness {
             .sum()
     }
 
+    fn commits(&self) -> f64 {
+        self.counter("kop_transactions_total", Some(("outcome", "commit")))
+    }
+
     fn aborts(&self) -> f64 {
         self.counter("kop_transactions_total", Some(("outcome", "abort")))
     }
@@ -609,23 +613,41 @@ async fn a_transaction_failing_with_records_in_doubt_ends_under_a_new_producer()
     h.cluster
         .coordinator(MockCoordinator::Transaction(h.transactional_id.clone()), 1)
         .expect("transaction coordinator");
+    // The stage found its coordinators before they moved to broker 1 (the mock may have put
+    // them on broker 2, which is about to answer slowly): a transaction committed from now
+    // on has followed them there.
+    let commits = h.commits();
     h.pay_all("before", 3).await;
-    // Broker 2 answers after 12 s: the outputs below stay unacknowledged meanwhile.
+    h.wait_until(
+        "a commit after the coordinators moved",
+        Duration::from_secs(20),
+        |h| h.commits() > commits,
+    )
+    .await;
+    // Broker 2 answers after 20 s (below the stage's 30 s message timeout): the outputs
+    // below stay unacknowledged meanwhile.
     h.cluster
-        .broker_round_trip_time(2, Duration::from_secs(12))
+        .broker_round_trip_time(2, Duration::from_secs(20))
         .expect("rtt");
     let orders = ids("doubt", 6);
     h.send_and_hold(&orders).await;
     let asked = Instant::now();
     let member = h.join_member().await;
     assert!(
-        asked.elapsed() < Duration::from_secs(10),
+        asked.elapsed() < Duration::from_secs(15),
         "the rebalance took {:?}: the outputs may have been answered before it",
         asked.elapsed()
     );
     h.wait_until(
-        "the failed transaction ends under a new producer",
+        "the revocation ends the open transaction",
         Duration::from_secs(20),
+        |h| h.aborts() >= 1.0,
+    )
+    .await;
+    // A new producer counts as an abort too; a plain abort does not build one.
+    h.wait_until(
+        "the failed transaction ends under a new producer, not with librdkafka's abort",
+        Duration::from_secs(5),
         |h| h.rebuilds() >= 1.0,
     )
     .await;
