@@ -243,6 +243,8 @@ main() {
 			--benches | --bench | --bench=* | --doc | --all-targets) targets=() ;;
 		esac
 	done
+	# The targets that need a broker (tests/broker, tests/alone) are built only with it.
+	cargo_args=(--features broker-tests "${cargo_args[@]}")
 	local threads=(--test-threads="${KOP_TEST_THREADS:-2}")
 	for arg in "${harness_args[@]}"; do
 		[[ $arg == --test-threads* ]] && threads=()
@@ -268,9 +270,9 @@ main() {
 	fi
 	# Compile first, without a broker: a build error needs none, and the
 	# broker does not compete with the compiler for the CPU.
-	run cargo test --features broker-tests "${targets[@]}" "${cargo_args[@]}" --no-run
+	run cargo test "${targets[@]}" "${cargo_args[@]}" --no-run
 	start_broker
-	run cargo test --features broker-tests "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${harness_args[@]}"
+	run cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${harness_args[@]}"
 	log "all passed"
 }
 
