@@ -60,7 +60,7 @@
       # with apt on Debian mirrored here. The build inputs of the package (pkg-config,
       # cmake, perl, python3, openssl, zlib) come through inputsFrom. Not in it: nix
       # itself (nix-instantiate: whoever runs `nix develop` has it), and the test under a
-      # real systemd (tests/systemd.rs) needs root and the host's systemd-nspawn.
+      # real systemd (tests/alone/systemd.rs) needs root and the host's systemd-nspawn.
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {
           inputsFrom = [ (kopFor pkgs) ];

@@ -3,7 +3,7 @@
 # Instance N of kop-payment is kop-payment@N.service, from the template
 # kop-payment@.service, as systemd/kop-payment@.service runs it outside NixOS.
 #
-# Plain data and functions, no nixpkgs: tests/nix_files.rs evaluates this file with
+# Plain data and functions, no nixpkgs: tests/offline/nix_files.rs evaluates this file with
 # `nix-instantiate --eval` and checks it against systemd/kop-*@.service.
 { ports }:
 rec {

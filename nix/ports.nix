@@ -1,5 +1,5 @@
 # The ports of the platform, in one place for the NixOS module, `nix run .#platform` and
-# the VM test. Plain data, no nixpkgs: tests/nix_files.rs evaluates this file with
+# the VM test. Plain data, no nixpkgs: tests/offline/nix_files.rs evaluates this file with
 # `nix-instantiate --eval` and checks it against etc/kop/*.toml.
 {
   # The four daemons: their metrics port (`[metrics] listen`), and the order API.

@@ -4,7 +4,7 @@
 # per-daemon options (the units show them as commented drop-in lines), and a template's
 # instance settings (instances.nix).
 #
-# Plain data, no nixpkgs: tests/nix_files.rs evaluates this file with
+# Plain data, no nixpkgs: tests/offline/nix_files.rs evaluates this file with
 # `nix-instantiate --eval` and fails when it differs from the [Service] section of any
 # systemd/kop-*.service (ExecStart, ExecReload and ConfigurationDirectory aside: the
 # module runs a store path on a generated, checked file from the store, not /etc/kop; and

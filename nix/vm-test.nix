@@ -5,8 +5,8 @@
 # stopped with orders in flight, drains (exits 0 by itself) and loses no order. kop-payment
 # runs as two instances (kop-payment@1, @2) that share the partitions of orders.created.
 #
-# tests/nix_files.rs evaluates this file with stand-ins for pkgs and self and checks the
-# testScript as the test driver's build does (Python syntax, pyflakes).
+# tests/offline/nix_files.rs evaluates this file with stand-ins for pkgs and self and checks
+# the testScript as the test driver's build does (Python syntax, pyflakes).
 { pkgs, self }:
 let
   ports = import ./ports.nix;

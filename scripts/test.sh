@@ -5,7 +5,8 @@
 #      librdkafka (the rdkafka crate compiles it from source), Java and Maven
 #      for the Kafka broker, kcat (the Rust toolchain must be there already);
 #   2. cargo fmt --check and cargo clippy -D warnings;
-#   3. builds the tests, starts a throwaway Kafka broker on a free port and
+#   3. builds the tests (with the feature broker-tests, which adds the targets
+#      that need a broker), starts a throwaway Kafka broker on a free port and
 #      runs cargo test against it (KOP_TEST_BROKERS);
 #   4. stops the broker, whatever happened.
 #
@@ -21,8 +22,14 @@ Usage: scripts/test.sh [--no-lint] [--] [cargo test arguments] [-- test binary a
 
 Installs missing build dependencies (apt), checks formatting and
 clippy lints, starts a fresh single-node Kafka broker, runs
-"cargo test --lib --bins --tests" against it and stops the broker again.
-The exit status is that of the first failing step (0 if all passed).
+"cargo test --features broker-tests --lib --bins --tests" against it and
+stops the broker again. The exit status is that of the first failing step
+(0 if all passed).
+
+The integration tests are three targets: offline (no broker, no Java; plain
+"cargo test" runs it with the unit tests), broker (against the broker, side
+by side) and alone (a broker, cluster or container of their own, one at a
+time). A test's name starts with its module, the file it is in.
 
 Options:
   --no-lint   skip "cargo fmt --check" and "cargo clippy"
@@ -30,15 +37,19 @@ Options:
 
 Everything else goes to cargo test, e.g.
   scripts/test.sh -- pipeline                 only tests whose name contains "pipeline"
-  scripts/test.sh --test orders -- --nocapture
+  scripts/test.sh --test broker -- retry:: --nocapture
+                                              tests/broker/retry.rs, with their output
+  scripts/test.sh --no-lint --test offline    the tests that need no broker
 If no target is selected (--lib, --test NAME, ...) --lib --bins --tests is added;
---test-threads=$KOP_TEST_THREADS (default 2) is added unless given.
+--features broker-tests is always added, and --test-threads=$KOP_TEST_THREADS
+(default 2) unless given.
 
 Environment:
   KOP_TEST_BROKERS   use this already running broker (host:port[,...]) instead
                      of starting one
   KOP_TEST_THREADS   parallel tests per test binary (default 2: one Kafka
-                     broker on a small machine is the bottleneck)
+                     broker on a small machine is the bottleneck; the tests
+                     of the target alone take turns whatever it is)
   KOP_NO_APT=1       never install system packages, only warn about missing ones
 EOF
 }
@@ -139,7 +150,7 @@ ensure_shellcheck() {
 }
 
 # The NixOS test driver's build lints the VM test's Python script with pyflakes
-# (nixos/lib/testing/driver.nix); tests/nix_files.rs runs the same check.
+# (nixos/lib/testing/driver.nix); tests/offline/nix_files.rs runs the same check.
 PYFLAKES_VERSION=3.4.0
 ensure_pyflakes() {
 	local venv=${KOP_PYFLAKES_VENV:-$HOME/.cache/kop/pyflakes-venv}
@@ -232,6 +243,8 @@ main() {
 			--benches | --bench | --bench=* | --doc | --all-targets) targets=() ;;
 		esac
 	done
+	# The targets that need a broker (tests/broker, tests/alone) are built only with it.
+	cargo_args=(--features broker-tests "${cargo_args[@]}")
 	local threads=(--test-threads="${KOP_TEST_THREADS:-2}")
 	for arg in "${harness_args[@]}"; do
 		[[ $arg == --test-threads* ]] && threads=()
@@ -253,7 +266,7 @@ main() {
 
 	if ((lint)); then
 		run cargo fmt --all -- --check
-		run cargo clippy --all-targets -- -D warnings
+		run cargo clippy --all-targets --all-features -- -D warnings
 	fi
 	# Compile first, without a broker: a build error needs none, and the
 	# broker does not compete with the compiler for the CPU.

@@ -7,8 +7,6 @@
 //! some of it, and only then stops the load. The outcome is judged on the
 //! `inventory.reserved` topic, read `read_committed` as a downstream consumer would.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
@@ -23,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 
-use common::*;
+use crate::support::*;
 
 /// Concurrent clients of the load.
 const CLIENTS: usize = 16;

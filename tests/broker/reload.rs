@@ -1,11 +1,9 @@
 //! SIGHUP re-reads the configuration: the log level and `[simulate]` change at run time,
 //! and a broken file is refused while the daemon goes on with the one it has.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_applies_simulate_and_keeps_going_on_a_bad_file() {

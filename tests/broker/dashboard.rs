@@ -7,15 +7,13 @@
 //! Needs a Kafka broker (KOP_TEST_BROKERS) and `prometheus` (Debian package `prometheus`);
 //! without either the test fails, it never skips.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 
 /// What Grafana would put in for its built-in variables, for a scrape interval of 1 s.

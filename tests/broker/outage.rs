@@ -2,14 +2,12 @@
 //! Retry-After while the broker is down, and everything recovers when it comes back.
 //! These tests run a broker of their own (scripts/kafka.sh), since they stop it.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_is_waited_out() {

@@ -5,8 +5,6 @@
 //!
 //! The test runs a broker of its own.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -18,7 +16,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
-use common::*;
+use crate::support::*;
 
 const USER: &str = "kop";
 const ORDERS: usize = 100;
@@ -237,6 +235,7 @@ fn refused(what: &str, mut config: ClientConfig, expected: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn orders_flow_over_sasl_ssl_and_clients_without_credentials_are_refused() {
+    let _turn = crate::take_turn().await;
     // The suite's broker must exist too: this suite never runs without one.
     let _ = brokers();
     let started = Instant::now();

@@ -1,13 +1,11 @@
 //! Hostile input: the order API fuzzed from openapi.yaml with schemathesis, and random,
 //! oversized and header-mangled records fed into every consumed topic.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 /// schemathesis, installed by scripts/test.sh into a virtualenv of its own.
 fn schemathesis() -> PathBuf {

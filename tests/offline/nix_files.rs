@@ -557,7 +557,11 @@ fn the_platform_app_passes_the_checks_nix_builds_it_with() {
         String::from_utf8_lossy(&bash.stderr)
     );
 
-    let shellcheck = std::env::var_os("KOP_SHELLCHECK").unwrap_or_else(|| "shellcheck".into());
+    let shellcheck = tool(
+        "KOP_SHELLCHECK",
+        "shellcheck-venv/bin/shellcheck",
+        "shellcheck",
+    );
     let version = Command::new(&shellcheck)
         .arg("--version")
         .output()
@@ -638,21 +642,23 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "debug",
 ];
 
-/// pyflakes: `KOP_PYFLAKES`, else where scripts/test.sh installs it, else on PATH.
-fn pyflakes() -> std::ffi::OsString {
-    if let Some(program) = std::env::var_os("KOP_PYFLAKES") {
+/// A tool from PyPI: the program in `variable`, else where scripts/test.sh installs it
+/// (`~/.cache/kop/<installed>`), so that plain `cargo test` finds it after one run of the
+/// script, else `program` on PATH.
+fn tool(variable: &str, installed: &str, program: &str) -> std::ffi::OsString {
+    if let Some(program) = std::env::var_os(variable) {
         return program;
     }
     let home = std::env::var_os("HOME").map(PathBuf::from);
-    match home.map(|h| h.join(".cache/kop/pyflakes-venv/bin/pyflakes")) {
+    match home.map(|h| h.join(".cache/kop").join(installed)) {
         Some(venv) if venv.exists() => venv.into_os_string(),
-        _ => "pyflakes".into(),
+        _ => program.into(),
     }
 }
 
 /// Runs pyflakes on a file as the test driver's build does; returns (success, report).
 fn run_pyflakes(file: &Path) -> (bool, String) {
-    let program = pyflakes();
+    let program = tool("KOP_PYFLAKES", "pyflakes-venv/bin/pyflakes", "pyflakes");
     let output = Command::new(&program)
         .arg(file)
         .env("PYFLAKES_BUILTINS", DRIVER_SYMBOLS.join(","))

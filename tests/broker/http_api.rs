@@ -1,11 +1,9 @@
 //! The order API against a real broker: every refusal has its status and a JSON body, and
 //! nothing of a refused request reaches Kafka.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 

@@ -7,8 +7,6 @@
 //!
 //! The test runs a broker of its own, since it restarts it.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -16,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 /// Orders posted per second, in bursts of `RATE × TICK` every `TICK`, with at most
 /// `CONCURRENCY` requests in flight (when all are, the load waits rather than bursting later).
@@ -75,10 +73,6 @@ const STAGE_CONFIG: &str =
     "[kafka]\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n";
 /// Longest wait for every accepted order to arrive after the load.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// Each test runs a broker, four daemons and the load of its own: on a small machine two at
-/// once would starve each other, so they take turns.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Clone, Copy)]
 enum Step {
@@ -343,7 +337,7 @@ async fn run_load(port: u16, stop: Arc<AtomicBool>) -> Vec<Request> {
 }
 
 async fn run_chaos(guarantee: &str) -> Outcome {
-    let _turn = SERIAL.lock().await;
+    let _turn = crate::take_turn().await;
     let _ = brokers();
     let started = Instant::now();
     let broker = OwnBroker::start(

@@ -1,12 +1,10 @@
 //! Non-blocking retries: a failed record waits in `<topic>.retry` until its due time, while
 //! the main topic keeps flowing; out of attempts, it goes to `<topic>.dlq`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use rdkafka::Message;
 
 fn now_ms() -> u64 {

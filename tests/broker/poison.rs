@@ -1,12 +1,10 @@
 //! Poison records in every consumed topic go to that stage's DLQ with the headers that
 //! explain them, and the pipeline keeps flowing.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 /// kind (part of the key), payload, headers, what `x-error` must mention.
 type Poison<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a [u8])>, &'a str);

@@ -3,11 +3,9 @@
 //! saying what was cut and why, and the valid order behind it on the same partition goes
 //! through. Both guarantees.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};

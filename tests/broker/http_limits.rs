@@ -2,11 +2,9 @@
 //! flood over the connection cap. Each is cut off by its own limit while a normal client
 //! is still answered, and the daemon's memory and file descriptors stay bounded.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

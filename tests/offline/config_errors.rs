@@ -3,14 +3,12 @@
 //! variable); `--check-config` accepts every shipped file. No Kafka needed: a daemon that
 //! got past its configuration would try to connect and be killed by the timeout below.
 
-mod common;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 const EX_CONFIG: i32 = 78;
 

@@ -2,13 +2,11 @@
 //! Prometheus when installed), an order goes through, Ctrl-C stops everything it started,
 //! and a second run works on the same broker data.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 struct Platform {
     child: Child,
@@ -121,6 +119,7 @@ fn processes_logging_into(dir: &std::path::Path) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn start_sh_runs_the_platform_and_ctrl_c_stops_it() {
+    let _turn = crate::take_turn().await;
     let _ = brokers();
     let state = std::env::temp_dir().join(unique("kop-start-broker"));
     let run_dir = std::env::temp_dir().join(unique("kop-start-run"));

@@ -1,13 +1,11 @@
 //! The service-manager protocol as systemd sees it: the daemons talk to a NOTIFY_SOCKET of
 //! the test's own, so READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 can be watched.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use tokio::net::UnixDatagram;
 
 /// WATCHDOG_USEC given to the daemons: 400 ms, so they ping every 100 ms.

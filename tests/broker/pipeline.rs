@@ -1,10 +1,8 @@
 //! The whole pipeline on a real broker: orders in, exactly one reservation per order out.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 async fn orders_flow_exactly_once(guarantee: &str) {
     let mut pipeline = Pipeline::new();

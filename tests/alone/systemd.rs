@@ -7,12 +7,12 @@
 //! kop-payment from its template sharing the partitions, each order still handled once.
 //! Needs root and the test broker; it fails (never skips) without them.
 
-mod common;
-
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::support;
 
 /// A cold run debootstraps the container tree and builds the release binaries from
 /// scratch; a warm one takes a minute or two.
@@ -20,9 +20,10 @@ const TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
 #[test]
 fn units_work_under_a_real_systemd() {
-    let brokers = common::brokers();
-    let script = common::repo().join("scripts/systemd-test.sh");
-    let log = std::env::temp_dir().join(format!("kop-systemd-test-{}.log", common::unique("run")));
+    let _turn = crate::take_turn_blocking();
+    let brokers = support::brokers();
+    let script = support::repo().join("scripts/systemd-test.sh");
+    let log = std::env::temp_dir().join(format!("kop-systemd-test-{}.log", support::unique("run")));
     let output = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new(&script)
         .env("KOP_TEST_BROKERS", &brokers)

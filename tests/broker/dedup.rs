@@ -3,11 +3,9 @@
 //! kop-payment without a second payment, reservation or notification — across a restart
 //! too, as kop-payment restores the orderIds it paid from its changelog.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 /// Reads `topic` until `expected` records of the given orders are there and nothing more
 /// arrives for a few seconds; the count of each order.

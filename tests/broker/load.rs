@@ -1,11 +1,9 @@
 //! kop-load against a running pipeline: the open-loop schedule, the status breakdown and
 //! the end-to-end measurement.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::support::*;
 
 fn kop_load(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(binary("kop-load"))
@@ -130,15 +128,4 @@ async fn a_run_whose_requests_fail_exits_non_zero() {
         let answered = if expected == "error" { 0 } else { 20 };
         assert_eq!(report["answered"], answered, "{out}");
     }
-}
-
-#[test]
-fn bad_flags_are_refused() {
-    let (code, _, err) = kop_load(&["--rps", "0"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--rps"));
-    let (code, _, err) = kop_load(&["--duration", "soon"]);
-    assert_eq!(code, 2, "{err}");
-    let (code, _, err) = kop_load(&["--concurrency", "0"]);
-    assert_eq!(code, 2, "{err}");
 }

@@ -15,8 +15,6 @@
 //!
 //! The test runs a cluster of its own.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +23,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use common::*;
+use crate::support::*;
 
 const NODES: u32 = 3;
 /// At least this many orders are posted ...
@@ -242,6 +240,7 @@ fn java_abs(n: i32) -> i32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_crash_in_a_three_node_cluster_loses_no_order() {
+    let _turn = crate::take_turn().await;
     // The suite's broker must exist too: this suite never runs without one.
     let _ = brokers();
     let started = Instant::now();
