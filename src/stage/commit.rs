@@ -176,6 +176,12 @@ impl Stage {
     pub(super) fn rebuild(&mut self, why: &str) {
         self.progress.failed(why);
         self.counters.aborts.inc();
+        self.start_new_producer();
+    }
+
+    /// Builds a producer with the same transactional id, then reads the committed offsets
+    /// (the rewind's starting points once the old producer is fenced).
+    pub(super) fn start_new_producer(&mut self) {
         let consumer = self.consumer.clone();
         self.txn
             .start_rebuild(move || consumer.committed(txn::CALL_TIMEOUT));

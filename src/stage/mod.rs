@@ -438,9 +438,7 @@ impl Stage {
         if let State::Broken { retry_at } = self.txn.state()
             && Instant::now() >= *retry_at
         {
-            let consumer = self.consumer.clone();
-            self.txn
-                .start_rebuild(move || consumer.committed(txn::CALL_TIMEOUT));
+            self.start_new_producer();
         }
         let context = self.consumer.context();
         let waiting = self.pending_records() > 0 || context.input_lag() > 0;

@@ -7,7 +7,7 @@
 //!
 //! The test runs a broker of its own, since it restarts it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -431,23 +431,14 @@ async fn run_chaos(guarantee: &str) -> Outcome {
     // duplicates, a record count would be reached before the last orders arrive).
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &broker.address);
-    let wanted: HashSet<String> = accepted.iter().cloned().collect();
-    let topic = pipeline.reserved.clone();
-    let records = tokio::task::spawn_blocking(move || {
-        consume_until(
-            config,
-            &topic,
-            |records| {
-                let seen = count_by_order(records);
-                wanted.iter().all(|id| seen.contains_key(id))
-            },
-            DRAIN_TIMEOUT,
-            Duration::from_secs(5),
-        )
-    })
-    .await
-    .expect("drain");
-    let reserved = count_by_order(&records);
+    let reserved = count_until_all_seen(
+        config,
+        &pipeline.reserved,
+        accepted.to_vec(),
+        DRAIN_TIMEOUT,
+        Duration::from_secs(5),
+    )
+    .await;
 
     // Notified: the last stage logged each order ("notification done", ORDER_ID field).
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -436,6 +436,7 @@ async fn a_broker_crash_in_a_three_node_cluster_loses_no_order() {
         &pipeline.orders,
         written_ids,
         Duration::from_secs(90),
+        Duration::from_secs(3),
     )
     .await;
 

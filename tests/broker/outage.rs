@@ -273,7 +273,14 @@ async fn the_api_heals_after_each_of_several_broker_restarts_under_load() {
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &broker.address);
     let ids: Vec<String> = accepted.iter().map(|a| a.id.clone()).collect();
-    let counts = count_until_all_seen(config, &pipeline.orders, ids, Duration::from_secs(60)).await;
+    let counts = count_until_all_seen(
+        config,
+        &pipeline.orders,
+        ids,
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .await;
     let missing: Vec<_> = accepted
         .iter()
         .filter(|a| !counts.contains_key(&a.id))

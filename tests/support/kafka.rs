@@ -128,13 +128,14 @@ pub fn consume_until(
     out
 }
 
-/// Reads `topic` until every one of `ids` is there (at most `timeout`), and a few seconds
-/// more for copies; how often each order appears.
+/// Reads `topic` until every one of `ids` is there (at most `timeout`), and `settle` more
+/// for copies; how often each order appears.
 pub async fn count_until_all_seen(
     config: ClientConfig,
     topic: &str,
     ids: Vec<String>,
     timeout: Duration,
+    settle: Duration,
 ) -> HashMap<String, usize> {
     let topic = topic.to_string();
     let records = tokio::task::spawn_blocking(move || {
@@ -146,7 +147,7 @@ pub async fn count_until_all_seen(
                 ids.iter().all(|id| seen.contains_key(id))
             },
             timeout,
-            Duration::from_secs(3),
+            settle,
         )
     })
     .await
