@@ -141,7 +141,7 @@ pub(super) fn layer(
             .or_insert_with(|| toml::Table::new().into())
             .as_table_mut()
         else {
-            // The file's section is not a table: that error is the file's.
+            // Not a table in the file: refused before the environment is read.
             continue;
         };
         let bad = |e: &dyn std::fmt::Display| ConfigError::Invalid {
@@ -173,7 +173,7 @@ pub(super) fn layer(
                             address.set_port(port);
                             address
                         }
-                        // The file's address is bad: that error is the file's.
+                        // Not an address in the file: refused before, as above.
                         _ => continue,
                     },
                 };

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::common::{at_least, common, positive, topic_name};
 use super::env::{Env, Sources, layer};
 use super::file::{File, deserialize, foreign_section, read_table};
-use super::{ConfigError, DedupConfig, OrderConfig, Service, StageConfig};
+use super::{ConfigError, DedupConfig, OrderConfig, Origin, Service, StageConfig};
 
 /// The file with the environment written over it, and where each value came from.
 fn read(
@@ -109,7 +109,7 @@ impl StageConfig {
     pub fn load(service: Service, path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
         let (input_default, output_default) =
             service.stage_topics().ok_or_else(|| ConfigError::Invalid {
-                origin: super::Origin::Defaults,
+                origin: Origin::Defaults,
                 key: "service".into(),
                 reason: "kop-order is not a stage".into(),
             })?;
