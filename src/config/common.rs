@@ -1,7 +1,6 @@
 //! The settings every daemon has, and the checks of values that more than one section uses.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -164,7 +163,7 @@ pub(super) fn common(
         metrics_listen: file
             .metrics
             .listen
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], service.default_metrics_port()))),
+            .unwrap_or_else(|| service.default_metrics_listen()),
         kafka,
         topics,
         simulate,

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use super::file::HttpSection;
 use super::{ConfigError, Origin, Service};
 
 /// Reads the environment; a function so tests can pass a map instead of the process
@@ -39,8 +40,8 @@ enum Kind {
     Millis,
     /// Comma-separated milliseconds, for a list of durations.
     MillisList,
-    /// The port of a listen address, which keeps the file's IP address.
-    Port,
+    /// The port of a listen address: the file's, else this default.
+    Port(SocketAddr),
 }
 
 use Kind::*;
@@ -53,13 +54,17 @@ fn variables(service: Service) -> Vec<(&'static str, &'static str, Kind)> {
         ("KOP_INSTANCE_ID", "service.instance_id", Text),
         ("LOG_LEVEL", "log.level", Text),
         ("LOG_FORMAT", "log.format", Word),
-        ("METRICS_PORT", "metrics.listen", Port),
+        (
+            "METRICS_PORT",
+            "metrics.listen",
+            Port(service.default_metrics_listen()),
+        ),
         ("SIMULATE_FAILURE_RATE", "simulate.failure_rate", Float),
         ("SIMULATE_DELAY_MS", "simulate.delay", Millis),
     ];
     let own: &[(&str, &str, Kind)] = match service {
         Service::Order => &[
-            ("PORT", "http.listen", Port),
+            ("PORT", "http.listen", Port(HttpSection::default().listen)),
             ("ORDER_TOPIC", "http.topic", Text),
         ],
         Service::Payment => &[
@@ -163,20 +168,17 @@ pub(super) fn layer(
                     .map_err(|e| bad(&format!("not a comma list of milliseconds: {e}")))?;
                 list.into()
             }
-            Port => {
+            Port(default) => {
                 let port = text.trim().parse::<u16>().map_err(|e| bad(&e))?;
-                let address = match section.get(name) {
-                    // Every default listen address is on all interfaces.
-                    None => SocketAddr::from(([0, 0, 0, 0], port)),
-                    Some(given) => match given.as_str().map(str::parse::<SocketAddr>) {
-                        Some(Ok(mut address)) => {
-                            address.set_port(port);
-                            address
-                        }
+                let mut address = match section.get(name).map(toml::Value::as_str) {
+                    None => default,
+                    Some(given) => match given.map(str::parse::<SocketAddr>) {
+                        Some(Ok(address)) => address,
                         // Not an address in the file: refused before, as above.
                         _ => continue,
                     },
                 };
+                address.set_port(port);
                 address.to_string().into()
             }
         };

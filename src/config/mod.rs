@@ -58,14 +58,15 @@ impl Service {
         format!("{}-service", self.short_name())
     }
 
-    fn default_metrics_port(self) -> u16 {
+    fn default_metrics_listen(self) -> SocketAddr {
         // The Node.js original's ports, payment on 9104 as its README lists it.
-        match self {
+        let port = match self {
             Service::Order => 9100,
             Service::Payment => 9104,
             Service::Inventory => 9102,
             Service::Notification => 9103,
-        }
+        };
+        SocketAddr::from(([0, 0, 0, 0], port))
     }
 
     /// The default configuration file when the daemon is installed.
