@@ -1,20 +1,13 @@
-//! The settings every daemon has, merged from the file, the environment and the defaults,
-//! and the checks of values that more than one section uses.
+//! The settings every daemon has, and the checks of values that more than one section uses.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
-use super::env::{Env, env_parse};
-use super::file::{
-    KafkaValue, LogSection, MetricsSection, ServiceSection, SimulateSection, TopicsSection,
-};
-use super::{
-    Common, ConfigError, LogConfig, LogFormat, Origin, Service, SimulateConfig, TopicsConfig,
-    source_of,
-};
+use super::env::Sources;
+use super::file::File;
+use super::{Common, ConfigError, Service};
 
 pub(super) const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
@@ -45,36 +38,28 @@ pub fn check_log_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn invalid(origin: &Origin, key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        origin: origin.clone(),
-        key: key.to_string(),
-        reason: reason.into(),
-    }
-}
-
 /// A count that must be positive.
 pub(super) fn positive(
-    origin: &Origin,
+    sources: &Sources,
     key: &str,
     value: impl TryInto<u64>,
 ) -> Result<(), ConfigError> {
     if value.try_into().ok() == Some(0) {
-        return Err(invalid(origin, key, "must be positive"));
+        return Err(sources.invalid(key, "must be positive"));
     }
     Ok(())
 }
 
 /// A duration that must be at least `min`.
 pub(super) fn at_least(
-    origin: &Origin,
+    sources: &Sources,
     key: &str,
     value: Duration,
     min: Duration,
 ) -> Result<(), ConfigError> {
     if value < min {
         let min = humantime::format_duration(min);
-        return Err(invalid(origin, key, format!("must be at least {min}")));
+        return Err(sources.invalid(key, format!("must be at least {min}")));
     }
     Ok(())
 }
@@ -127,25 +112,18 @@ pub(super) fn owned_kafka_keys(
     EVERY_DAEMON.iter().chain(stage_keys)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The settings every daemon has, from the file with the environment written over it.
 pub(super) fn common(
     service: Service,
-    origin: Origin,
-    svc: ServiceSection,
-    log: LogSection,
-    metrics: MetricsSection,
-    kafka: BTreeMap<String, KafkaValue>,
-    topics: TopicsSection,
-    simulate: SimulateSection,
-    env: &dyn Env,
+    file: &mut File,
+    sources: &Sources,
 ) -> Result<Common, ConfigError> {
-    let mut kafka: BTreeMap<String, String> = kafka
+    let mut kafka: BTreeMap<String, String> = std::mem::take(&mut file.kafka)
         .into_iter()
         .map(|(k, v)| (k, v.into_string()))
         .collect();
     if let Some((key, why)) = owned_kafka_keys(service).find(|(key, _)| kafka.contains_key(*key)) {
-        return Err(invalid(
-            &origin,
+        return Err(sources.invalid(
             &format!("kafka.\"{key}\""),
             format!("kop sets this property itself ({why}); remove it"),
         ));
@@ -153,100 +131,45 @@ pub(super) fn common(
     kafka
         .entry("bootstrap.servers".into())
         .or_insert_with(|| "localhost:9092".into());
-    let brokers_from_env = env.get("KAFKA_BROKERS");
-    if let Some(brokers) = &brokers_from_env {
-        kafka.insert("bootstrap.servers".into(), brokers.clone());
-    }
 
-    let mut metrics_listen = metrics
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], service.default_metrics_port())));
-    if let Some(port) = env_parse::<u16>(env, "METRICS_PORT")? {
-        metrics_listen.set_port(port);
-    }
-
-    let mut simulate = SimulateConfig {
-        failure_rate: simulate.failure_rate.unwrap_or(0.0),
-        delay: simulate.delay.unwrap_or(Duration::ZERO),
-        stall: simulate.stall.unwrap_or(false),
-    };
-    let (rate_origin, rate_key) = source_of(
-        env,
-        "SIMULATE_FAILURE_RATE",
-        &origin,
-        "simulate.failure_rate",
-    );
-    if let Some(rate) = env_parse::<f64>(env, "SIMULATE_FAILURE_RATE")? {
-        simulate.failure_rate = rate;
-    }
-    if let Some(ms) = env_parse::<u64>(env, "SIMULATE_DELAY_MS")? {
-        simulate.delay = Duration::from_millis(ms);
-    }
+    let simulate = std::mem::take(&mut file.simulate);
     if !(0.0..=1.0).contains(&simulate.failure_rate) {
-        return Err(invalid(
-            &rate_origin,
-            &rate_key,
+        return Err(sources.invalid(
+            "simulate.failure_rate",
             format!("{} is not between 0 and 1", simulate.failure_rate),
         ));
     }
-
-    let topics = TopicsConfig {
-        create: topics.create.unwrap_or(true),
-        partitions: topics.partitions.unwrap_or(3),
-        replication_factor: topics.replication_factor.unwrap_or(1),
-    };
-    if topics.partitions < 1 {
-        return Err(invalid(&origin, "topics.partitions", "must be at least 1"));
+    let topics = std::mem::take(&mut file.topics);
+    for (key, value) in [
+        ("topics.partitions", topics.partitions),
+        ("topics.replication_factor", topics.replication_factor),
+    ] {
+        if value < 1 {
+            return Err(sources.invalid(key, "must be at least 1"));
+        }
     }
-    if topics.replication_factor < 1 {
-        return Err(invalid(
-            &origin,
-            "topics.replication_factor",
-            "must be at least 1",
-        ));
-    }
-
-    let log = LogConfig {
-        level: env
-            .get("LOG_LEVEL")
-            .or(log.level)
-            .unwrap_or_else(|| "info".into()),
-        format: match env.get("LOG_FORMAT") {
-            None => log.format.unwrap_or(LogFormat::Auto),
-            Some(text) => LogFormat::parse(&text).ok_or_else(|| ConfigError::Invalid {
-                origin: Origin::Env("LOG_FORMAT"),
-                key: "LOG_FORMAT".into(),
-                reason: format!("`{text}`: expected auto, journald, text or json"),
-            })?,
-        },
-    };
-    // Blame the level on where it came from.
-    let (level_origin, level_key) = match env.get("LOG_LEVEL") {
-        Some(_) => (Origin::Env("LOG_LEVEL"), "LOG_LEVEL"),
-        None => (origin.clone(), "log.level"),
-    };
-    check_log_filter(&log.level).map_err(|reason| {
-        invalid(
-            &level_origin,
-            level_key,
-            format!("`{}`: {reason}", log.level),
-        )
-    })?;
+    let log = std::mem::take(&mut file.log);
+    check_log_filter(&log.level)
+        .map_err(|reason| sources.invalid("log.level", format!("`{}`: {reason}", log.level)))?;
 
     let common = Common {
-        service_name: env
-            .get("SERVICE_NAME")
-            .or(svc.name)
+        service_name: file
+            .service
+            .name
+            .take()
             .unwrap_or_else(|| service.default_service_name()),
-        instance_id: instance_id(env, &origin, svc.instance_id, host_name)?,
+        instance_id: instance_id(file.service.instance_id.take(), sources, host_name)?,
         log,
-        metrics_listen,
+        metrics_listen: file
+            .metrics
+            .listen
+            .unwrap_or_else(|| service.default_metrics_listen()),
         kafka,
         topics,
         simulate,
-        origin,
+        origin: sources.file.clone(),
     };
-    validate_kafka_properties(&common, brokers_from_env.is_some())?;
+    validate_kafka_properties(&common, sources)?;
     Ok(common)
 }
 
@@ -270,20 +193,17 @@ pub fn host_name() -> Result<String, String> {
 /// producers sharing one fence each other in turn). It becomes part of the transactional
 /// id and the client id: Kafka's legal characters for those, as for topic names.
 pub(super) fn instance_id(
-    env: &dyn Env,
-    origin: &Origin,
-    from_file: Option<String>,
+    set: Option<String>,
+    sources: &Sources,
     host_name: fn() -> Result<String, String>,
 ) -> Result<String, ConfigError> {
     const KEY: &str = "service.instance_id";
-    let (id, origin, key, what) = match (env.get("KOP_INSTANCE_ID"), from_file) {
-        (Some(id), _) => (id, Origin::Env("KOP_INSTANCE_ID"), "KOP_INSTANCE_ID", ""),
-        (None, Some(id)) => (id, origin.clone(), KEY, ""),
-        (None, None) => match host_name() {
-            Ok(name) => (name, origin.clone(), KEY, " (the host name, the default)"),
+    let (id, what) = match set {
+        Some(id) => (id, ""),
+        None => match host_name() {
+            Ok(name) => (name, " (the host name, the default)"),
             Err(why) => {
-                return Err(invalid(
-                    origin,
+                return Err(sources.invalid(
                     KEY,
                     format!(
                         "not set, and the host name it defaults to is unknown ({why}); \
@@ -306,9 +226,8 @@ pub(super) fn instance_id(
         } else {
             "; set service.instance_id or KOP_INSTANCE_ID"
         };
-        Err(invalid(
-            &origin,
-            key,
+        Err(sources.invalid(
+            KEY,
             format!(
                 "`{id}`{what} is not a legal instance id (1..249 of [a-zA-Z0-9._-]: it is \
                  part of the transactional id and the client id){hint}"
@@ -319,10 +238,7 @@ pub(super) fn instance_id(
 
 /// Lets librdkafka itself judge the passthrough properties, so that a typo fails at start
 /// with the property's name instead of being ignored.
-pub(super) fn validate_kafka_properties(
-    common: &Common,
-    brokers_from_env: bool,
-) -> Result<(), ConfigError> {
+fn validate_kafka_properties(common: &Common, sources: &Sources) -> Result<(), ConfigError> {
     let mut client = ClientConfig::new();
     for (key, value) in &common.kafka {
         client.set(key, value);
@@ -332,18 +248,13 @@ pub(super) fn validate_kafka_properties(
         .map(drop)
         .map_err(|e| match e {
             rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => {
-                let origin = if key == "bootstrap.servers" && brokers_from_env {
-                    Origin::Env("KAFKA_BROKERS")
-                } else {
-                    common.origin.clone()
-                };
-                invalid(&origin, &format!("kafka.\"{key}\""), description)
+                sources.invalid(&format!("kafka.\"{key}\""), description)
             }
-            other => invalid(&common.origin, "kafka", other.to_string()),
+            other => sources.invalid("kafka", other.to_string()),
         })
 }
 
-pub(super) fn topic_name(origin: &Origin, key: &str, name: &str) -> Result<(), ConfigError> {
+pub(super) fn topic_name(sources: &Sources, key: &str, name: &str) -> Result<(), ConfigError> {
     // Kafka's own rule for topic names.
     let legal = !name.is_empty()
         && name.len() <= 249
@@ -355,8 +266,7 @@ pub(super) fn topic_name(origin: &Origin, key: &str, name: &str) -> Result<(), C
     if legal {
         Ok(())
     } else {
-        Err(invalid(
-            origin,
+        Err(sources.invalid(
             key,
             format!("`{name}` is not a legal Kafka topic name (1..249 of [a-zA-Z0-9._-])"),
         ))

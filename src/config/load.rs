@@ -1,16 +1,39 @@
 //! Loading a daemon's whole configuration: the order API's and a stage's.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::common::{at_least, common, invalid, positive, topic_name};
-use super::env::{Env, env_parse};
-use super::file::{OrderFile, StageFile, read_file};
-use super::{
-    ConfigError, DedupConfig, Guarantee, OrderConfig, Origin, RetryConfig, Service, StageConfig,
-    source_of,
-};
+use super::common::{at_least, common, positive, topic_name};
+use super::env::{Env, Sources, layer};
+use super::file::{File, deserialize, foreign_section, read_table};
+use super::{ConfigError, DedupConfig, OrderConfig, Origin, Service, StageConfig};
+
+/// The file with the environment written over it, and where each value came from.
+fn read(
+    service: Service,
+    path: Option<&Path>,
+    env: &dyn Env,
+) -> Result<(File, Sources), ConfigError> {
+    let (mut table, origin) = read_table(path)?;
+    if let Some(section) = foreign_section(service, &table) {
+        return Err(ConfigError::Invalid {
+            origin,
+            key: section.to_string(),
+            reason: format!("kop-{} has no [{section}] section", service.short_name()),
+        });
+    }
+    // The file must hold together on its own, whatever the environment overrides here.
+    if let Err((key, reason)) = deserialize(table.clone()) {
+        return Err(ConfigError::Invalid {
+            origin,
+            key,
+            reason,
+        });
+    }
+    let sources = layer(service, &mut table, origin, env)?;
+    let file = deserialize(table).map_err(|(key, reason)| sources.invalid(&key, reason))?;
+    Ok((file, sources))
+}
 
 impl OrderConfig {
     /// The sections of `fresh` (a reloaded file) that differ from this running
@@ -26,59 +49,39 @@ impl OrderConfig {
     }
 
     pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
-        let (file, origin): (OrderFile, Origin) = read_file(path)?;
+        let (mut file, sources) = read(Service::Order, path, env)?;
+        let common = common(Service::Order, &mut file, &sources)?;
         let http = file.http;
-        let common = common(
-            Service::Order,
-            origin.clone(),
-            file.service,
-            file.log,
-            file.metrics,
-            file.kafka,
-            file.topics,
-            file.simulate,
-            env,
-        )?;
-        let mut listen = http
-            .listen
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4000)));
-        if let Some(port) = env_parse::<u16>(env, "PORT")? {
-            listen.set_port(port);
+        topic_name(&sources, "http.topic", &http.topic)?;
+        positive(&sources, "http.max_body_bytes", http.max_body_bytes)?;
+        positive(&sources, "http.max_pending", http.max_pending)?;
+        for (key, value, min) in [
+            (
+                "http.produce_timeout",
+                http.produce_timeout,
+                Duration::from_millis(100),
+            ),
+            (
+                "http.stall_timeout",
+                http.stall_timeout,
+                Duration::from_secs(1),
+            ),
+        ] {
+            at_least(&sources, key, value, min)?;
         }
-        let topic = env
-            .get("ORDER_TOPIC")
-            .or(http.topic)
-            .unwrap_or_else(|| "orders.created".into());
-        let (topic_origin, topic_key) = source_of(env, "ORDER_TOPIC", &origin, "http.topic");
-        topic_name(&topic_origin, &topic_key, &topic)?;
-        let config = OrderConfig {
+        Ok(OrderConfig {
             common,
-            listen,
-            topic,
-            max_body_bytes: http.max_body_bytes.unwrap_or(64 * 1024),
-            produce_timeout: http.produce_timeout.unwrap_or(Duration::from_secs(5)),
-            max_pending: http.max_pending.unwrap_or(100_000),
-            stall_timeout: http.stall_timeout.unwrap_or(Duration::from_secs(60)),
-            header_read_timeout: http.header_read_timeout.unwrap_or(Duration::from_secs(10)),
-            body_read_timeout: http.body_read_timeout.unwrap_or(Duration::from_secs(10)),
-            idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(60)),
-            max_connections: http.max_connections.unwrap_or(4096),
-        };
-        positive(&origin, "http.max_body_bytes", config.max_body_bytes)?;
-        at_least(
-            &origin,
-            "http.produce_timeout",
-            config.produce_timeout,
-            Duration::from_millis(100),
-        )?;
-        positive(&origin, "http.max_pending", config.max_pending)?;
-        at_least(
-            &origin,
-            "http.stall_timeout",
-            config.stall_timeout,
-            Duration::from_secs(1),
-        )?;
-        Ok(config)
+            listen: http.listen,
+            topic: http.topic,
+            max_body_bytes: http.max_body_bytes,
+            produce_timeout: http.produce_timeout,
+            max_pending: http.max_pending,
+            stall_timeout: http.stall_timeout,
+            header_read_timeout: http.header_read_timeout,
+            body_read_timeout: http.body_read_timeout,
+            idle_timeout: http.idle_timeout,
+            max_connections: http.max_connections,
+        })
     }
 }
 
@@ -104,83 +107,45 @@ impl StageConfig {
     }
 
     pub fn load(service: Service, path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
-        let wiring = service
-            .stage_wiring()
-            .ok_or_else(|| invalid(&Origin::Defaults, "service", "kop-order is not a stage"))?;
-        let (file, origin): (StageFile, Origin) = read_file(path)?;
+        let (input_default, output_default) =
+            service.stage_topics().ok_or_else(|| ConfigError::Invalid {
+                origin: Origin::Defaults,
+                key: "service".into(),
+                reason: "kop-order is not a stage".into(),
+            })?;
+        let (mut file, sources) = read(service, path, env)?;
+        let common = common(service, &mut file, &sources)?;
         let stage = file.stage;
-        let retry = file.retry;
-        let common = common(
-            service,
-            origin.clone(),
-            file.service,
-            file.log,
-            file.metrics,
-            file.kafka,
-            file.topics,
-            file.simulate,
-            env,
-        )?;
 
-        let input_from_env = env.get(wiring.input_var);
-        let input = input_from_env
-            .clone()
-            .or(stage.input)
-            .unwrap_or_else(|| wiring.input_default.into());
-        // A retry or DLQ name follows the input topic, as in the original, unless it is given
-        // at the same level: an input renamed by the environment takes the file's names along.
-        let (file_retry, file_dlq) = match input_from_env {
-            Some(_) => (None, None),
-            None => (stage.retry_topic, stage.dlq_topic),
+        // Each topic with the key to blame for it: a default follows the value it is made of.
+        let input = stage.input.unwrap_or_else(|| input_default.into());
+        let follow = |given: Option<String>, key, suffix| match given {
+            Some(name) => (name, key),
+            None => (format!("{input}{suffix}"), "stage.input"),
         };
-        let retry_topic = env
-            .get(wiring.retry_var)
-            .or(file_retry)
-            .unwrap_or_else(|| format!("{input}.retry"));
-        let dlq_topic = env
-            .get(wiring.dlq_var)
-            .or(file_dlq)
-            .unwrap_or_else(|| format!("{input}.dlq"));
-        let output = match wiring.output {
-            None => {
-                if stage.output.is_some() {
-                    return Err(invalid(
-                        &origin,
-                        "stage.output",
-                        format!(
-                            "kop-{} is the last stage and produces nothing",
-                            service.short_name()
-                        ),
-                    ));
-                }
-                None
+        let (retry_topic, retry_key) = follow(stage.retry_topic, "stage.retry_topic", ".retry");
+        let (dlq_topic, dlq_key) = follow(stage.dlq_topic, "stage.dlq_topic", ".dlq");
+        let output = match output_default {
+            None if stage.output.is_some() => {
+                return Err(sources.invalid(
+                    "stage.output",
+                    format!(
+                        "kop-{} is the last stage and produces nothing",
+                        service.short_name()
+                    ),
+                ));
             }
-            Some((var, default)) => Some(
-                env.get(var)
-                    .or(stage.output)
-                    .unwrap_or_else(|| default.into()),
-            ),
+            None => None,
+            Some(default) => Some(stage.output.unwrap_or_else(|| default.into())),
         };
-        for (var, key, name) in [
-            (Some(wiring.input_var), "stage.input", Some(&input)),
-            (
-                Some(wiring.retry_var),
-                "stage.retry_topic",
-                Some(&retry_topic),
-            ),
-            (Some(wiring.dlq_var), "stage.dlq_topic", Some(&dlq_topic)),
-            (
-                wiring.output.map(|(var, _)| var),
-                "stage.output",
-                output.as_ref(),
-            ),
+        for (key, name) in [
+            ("stage.input", Some(&input)),
+            (retry_key, Some(&retry_topic)),
+            (dlq_key, Some(&dlq_topic)),
+            ("stage.output", output.as_ref()),
         ] {
             if let Some(name) = name {
-                let (origin, key) = match var {
-                    Some(var) => source_of(env, var, &origin, key),
-                    None => (origin.clone(), key.to_string()),
-                };
-                topic_name(&origin, &key, name)?;
+                topic_name(&sources, key, name)?;
             }
         }
         let distinct: std::collections::BTreeSet<_> = [&input, &retry_topic, &dlq_topic]
@@ -188,118 +153,76 @@ impl StageConfig {
             .chain(output.as_ref())
             .collect();
         if distinct.len() != 3 + usize::from(output.is_some()) {
-            return Err(invalid(
-                &origin,
+            return Err(sources.invalid(
                 "stage",
                 "input, retry, DLQ and output topics must all differ",
             ));
         }
 
-        let group_id = env
-            .get(wiring.group_var)
-            .or(stage.group_id)
-            .unwrap_or_else(|| common.service_name.clone());
-
-        let mut retry = RetryConfig {
-            max_attempts: retry.max_attempts.unwrap_or(3),
-            delays: retry
-                .delays
-                .unwrap_or_else(|| [1000, 5000, 15000].map(Duration::from_millis).to_vec()),
+        let (group_id, group_key) = match stage.group_id {
+            Some(group) => (group, "stage.group_id"),
+            None => (common.service_name.clone(), "service.name"),
         };
-        if let Some(n) = env_parse::<u32>(env, "MAX_PROCESSING_ATTEMPTS")? {
-            retry.max_attempts = n;
-        }
-        if let Some(list) = env.get("RETRY_DELAYS_MS") {
-            retry.delays = list
-                .split(',')
-                .map(|ms| ms.trim().parse::<u64>().map(Duration::from_millis))
-                .collect::<Result<_, _>>()
-                .map_err(|e| ConfigError::Invalid {
-                    origin: Origin::Env("RETRY_DELAYS_MS"),
-                    key: "RETRY_DELAYS_MS".into(),
-                    reason: format!("`{list}` is not a comma list of milliseconds: {e}"),
-                })?;
-        }
+        let (changelog, changelog_key) = match file.dedup.changelog.take() {
+            Some(changelog) => (changelog, "dedup.changelog"),
+            None => (format!("{group_id}.dedup-changelog"), group_key),
+        };
+        topic_name(&sources, changelog_key, &changelog)?;
+
+        let retry = file.retry;
         if retry.max_attempts < 1 {
-            let (origin, key) = source_of(
-                env,
-                "MAX_PROCESSING_ATTEMPTS",
-                &origin,
+            return Err(sources.invalid(
                 "retry.max_attempts",
-            );
-            return Err(invalid(
-                &origin,
-                &key,
                 format!("`{}`: must be at least 1", retry.max_attempts),
             ));
         }
         if retry.delays.is_empty() {
-            return Err(invalid(&origin, "retry.delays", "needs at least one delay"));
+            return Err(sources.invalid("retry.delays", "needs at least one delay"));
         }
-
-        let changelog = file
-            .dedup
-            .changelog
-            .clone()
-            .unwrap_or_else(|| format!("{group_id}.dedup-changelog"));
-        let config = StageConfig {
+        let dedup = file.dedup;
+        for (key, count) in [
+            ("stage.commit_max_records", stage.commit_max_records),
+            ("stage.max_in_flight", stage.max_in_flight),
+            ("dedup.max_keys", dedup.max_keys),
+        ] {
+            positive(&sources, key, count)?;
+        }
+        for (key, value, min) in [
+            (
+                "stage.commit_interval",
+                stage.commit_interval,
+                Duration::from_millis(1),
+            ),
+            (
+                "stage.stall_timeout",
+                stage.stall_timeout,
+                Duration::from_secs(1),
+            ),
+            ("dedup.window", dedup.window, Duration::from_secs(1)),
+        ] {
+            at_least(&sources, key, value, min)?;
+        }
+        Ok(StageConfig {
             common,
             input,
             retry_topic,
             dlq_topic,
             output,
             group_id,
-            guarantee: match env.get("PROCESSING_GUARANTEE") {
-                None => stage.processing_guarantee.unwrap_or(Guarantee::ExactlyOnce),
-                Some(text) => Guarantee::parse(&text).ok_or_else(|| ConfigError::Invalid {
-                    origin: Origin::Env("PROCESSING_GUARANTEE"),
-                    key: "PROCESSING_GUARANTEE".into(),
-                    reason: format!("`{text}`: expected exactly-once or at-least-once"),
-                })?,
-            },
-            commit_max_records: stage.commit_max_records.unwrap_or(500),
-            commit_interval: stage.commit_interval.unwrap_or(Duration::from_millis(50)),
-            max_in_flight: stage.max_in_flight.unwrap_or(1000),
-            stall_timeout: stage.stall_timeout.unwrap_or(Duration::from_secs(60)),
+            guarantee: stage.processing_guarantee,
+            commit_max_records: stage.commit_max_records,
+            commit_interval: stage.commit_interval,
+            max_in_flight: stage.max_in_flight,
+            stall_timeout: stage.stall_timeout,
             retry,
             dedup: DedupConfig {
                 // kop-payment pays each order once; the stages after it see each payment
                 // once when it runs exactly once.
-                enabled: file
-                    .dedup
-                    .enabled
-                    .unwrap_or(matches!(service, Service::Payment)),
-                max_keys: file.dedup.max_keys.unwrap_or(100_000),
-                window: file.dedup.window.unwrap_or(Duration::from_secs(24 * 3600)),
+                enabled: dedup.enabled.unwrap_or(service == Service::Payment),
+                max_keys: dedup.max_keys,
+                window: dedup.window,
                 changelog,
             },
-        };
-        positive(
-            &origin,
-            "stage.commit_max_records",
-            config.commit_max_records,
-        )?;
-        at_least(
-            &origin,
-            "stage.commit_interval",
-            config.commit_interval,
-            Duration::from_millis(1),
-        )?;
-        positive(&origin, "stage.max_in_flight", config.max_in_flight)?;
-        at_least(
-            &origin,
-            "stage.stall_timeout",
-            config.stall_timeout,
-            Duration::from_secs(1),
-        )?;
-        positive(&origin, "dedup.max_keys", config.dedup.max_keys)?;
-        at_least(
-            &origin,
-            "dedup.window",
-            config.dedup.window,
-            Duration::from_secs(1),
-        )?;
-        topic_name(&origin, "dedup.changelog", &config.dedup.changelog)?;
-        Ok(config)
+        })
     }
 }

@@ -5,10 +5,13 @@
 //! variable) so that an operator can fix it without reading code; the daemons exit with
 //! [`EX_CONFIG`] on any of them and systemd does not restart them in a loop.
 //!
-//! This module holds the resolved types the daemons use; `file` the file's format (every
-//! key optional), `env` the environment, `common` the settings every daemon shares and the
-//! checks of values several sections use, `load` the merge of a whole daemon's
-//! configuration.
+//! The file is read into a TOML table, the environment written over it (`env`, which
+//! remembers the keys each variable set), and the result deserialized once into the
+//! sections of `file`, each with its defaults; `common` and `load` then fill in what
+//! depends on the service or on other values, and check the whole, blaming every bad
+//! value on its source. This module holds the resolved types the daemons use; the
+//! sections that need nothing resolved (`[log]`, `[topics]`, `[simulate]`, `[retry]`)
+//! are these types themselves.
 
 mod common;
 mod env;
@@ -55,14 +58,15 @@ impl Service {
         format!("{}-service", self.short_name())
     }
 
-    fn default_metrics_port(self) -> u16 {
+    fn default_metrics_listen(self) -> SocketAddr {
         // The Node.js original's ports, payment on 9104 as its README lists it.
-        match self {
+        let port = match self {
             Service::Order => 9100,
             Service::Payment => 9104,
             Service::Inventory => 9102,
             Service::Notification => 9103,
-        }
+        };
+        SocketAddr::from(([0, 0, 0, 0], port))
     }
 
     /// The default configuration file when the daemon is installed.
@@ -70,46 +74,15 @@ impl Service {
         PathBuf::from(format!("/etc/kop/{}.toml", self.short_name()))
     }
 
-    /// Topic wiring of a stage: which environment variables name its input, retry, DLQ and
-    /// output topics, and its consumer group.
-    fn stage_wiring(self) -> Option<StageWiring> {
-        Some(match self {
-            Service::Order => return None,
-            Service::Payment => StageWiring {
-                input_var: "ORDER_TOPIC",
-                input_default: "orders.created",
-                retry_var: "ORDER_RETRY_TOPIC",
-                dlq_var: "ORDER_DLQ_TOPIC",
-                output: Some(("PAYMENT_COMPLETED_TOPIC", "payments.completed")),
-                group_var: "PAYMENT_GROUP_ID",
-            },
-            Service::Inventory => StageWiring {
-                input_var: "PAYMENT_COMPLETED_TOPIC",
-                input_default: "payments.completed",
-                retry_var: "PAYMENT_RETRY_TOPIC",
-                dlq_var: "PAYMENT_DLQ_TOPIC",
-                output: Some(("INVENTORY_RESERVED_TOPIC", "inventory.reserved")),
-                group_var: "INVENTORY_GROUP_ID",
-            },
-            Service::Notification => StageWiring {
-                input_var: "INVENTORY_RESERVED_TOPIC",
-                input_default: "inventory.reserved",
-                retry_var: "INVENTORY_RETRY_TOPIC",
-                dlq_var: "INVENTORY_DLQ_TOPIC",
-                output: None,
-                group_var: "NOTIFICATION_GROUP_ID",
-            },
-        })
+    /// A stage's default input topic and, unless it is the last stage, output topic.
+    fn stage_topics(self) -> Option<(&'static str, Option<&'static str>)> {
+        match self {
+            Service::Order => None,
+            Service::Payment => Some(("orders.created", Some("payments.completed"))),
+            Service::Inventory => Some(("payments.completed", Some("inventory.reserved"))),
+            Service::Notification => Some(("inventory.reserved", None)),
+        }
     }
-}
-
-struct StageWiring {
-    input_var: &'static str,
-    input_default: &'static str,
-    retry_var: &'static str,
-    dlq_var: &'static str,
-    output: Option<(&'static str, &'static str)>,
-    group_var: &'static str,
 }
 
 /// Where a bad value came from.
@@ -152,16 +125,6 @@ fn describe_invalid(origin: &Origin, key: &str, reason: &str) -> String {
     match origin {
         Origin::Env(var) if *var == key => format!("{origin}: {reason}"),
         _ => format!("{origin}: key `{key}`: {reason}"),
-    }
-}
-
-/// Where a value came from: a variable if it was set, else the file (or the defaults),
-/// with the key to name for each.
-fn source_of(env: &dyn Env, var: &'static str, origin: &Origin, key: &str) -> (Origin, String) {
-    if env.get(var).is_some() {
-        (Origin::Env(var), var.to_string())
-    } else {
-        (origin.clone(), key.to_string())
     }
 }
 
@@ -209,7 +172,9 @@ impl Common {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A tracing filter directive such as `info` or `info,kop=debug`.
     pub level: String,
@@ -226,19 +191,18 @@ pub enum LogFormat {
     Json,
 }
 
-impl LogFormat {
-    fn parse(text: &str) -> Option<Self> {
-        match text.trim() {
-            "auto" => Some(LogFormat::Auto),
-            "journald" => Some(LogFormat::Journald),
-            "text" => Some(LogFormat::Text),
-            "json" => Some(LogFormat::Json),
-            _ => None,
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Auto,
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `[topics]`: the topics kop creates.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TopicsConfig {
     /// Create missing topics at start.
     pub create: bool,
@@ -246,12 +210,24 @@ pub struct TopicsConfig {
     pub replication_factor: i32,
 }
 
-/// Failure injection for demos and tests.
-#[derive(Debug, Clone, Default, PartialEq)]
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            create: true,
+            partitions: 3,
+            replication_factor: 1,
+        }
+    }
+}
+
+/// `[simulate]`: failure injection for demos and tests; by default none.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SimulateConfig {
     /// Probability (0..=1) that handling a record fails with a transient error.
     pub failure_rate: f64,
     /// Time a handler waits, standing in for a slow downstream call.
+    #[serde(deserialize_with = "file::duration")]
     pub delay: Duration,
     /// Stops the processing loop while the process stays up, to prove the watchdog.
     pub stall: bool,
@@ -295,16 +271,6 @@ impl std::fmt::Display for Guarantee {
     }
 }
 
-impl Guarantee {
-    fn parse(text: &str) -> Option<Self> {
-        match text.trim() {
-            "exactly-once" => Some(Guarantee::ExactlyOnce),
-            "at-least-once" => Some(Guarantee::AtLeastOnce),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageConfig {
     pub common: Common,
@@ -340,12 +306,24 @@ pub struct DedupConfig {
     pub changelog: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `[retry]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Counts every attempt, the first included.
     pub max_attempts: u32,
     /// Delay before attempt n+1 is `delays[n-1]`; the last one repeats.
+    #[serde(deserialize_with = "file::durations")]
     pub delays: Vec<Duration>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            delays: [1000, 5000, 15000].map(Duration::from_millis).to_vec(),
+        }
+    }
 }
 
 impl RetryConfig {

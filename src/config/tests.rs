@@ -149,9 +149,25 @@ fn the_instance_id_defaults_to_the_host_name() {
     fn no_host() -> Result<String, String> {
         Err("/proc/sys/kernel/hostname holds no host name".into())
     }
-    let file = Origin::File("kop.toml".into());
+    // The id as the file and the environment left it, and where it came from.
+    let layered = |e: &[(&'static str, &'static str)], from_file: Option<&str>| {
+        let mut table = toml::Table::new();
+        if let Some(id) = from_file {
+            let mut service = toml::Table::new();
+            service.insert("instance_id".into(), id.into());
+            table.insert("service".into(), service.into());
+        }
+        let file = Origin::File("kop.toml".into());
+        let sources = env::layer(Service::Payment, &mut table, file, &env(e)).unwrap();
+        let id = table
+            .get("service")
+            .and_then(|s| s.get("instance_id"))
+            .map(|id| id.as_str().unwrap().to_string());
+        (id, sources)
+    };
     let id = |e: &[(&'static str, &'static str)], from_file: Option<&str>| {
-        instance_id(&env(e), &file, from_file.map(String::from), host)
+        let (id, sources) = layered(e, from_file);
+        instance_id(id, &sources, host)
     };
     assert_eq!(id(&[], None).unwrap(), "node-7.example");
     assert_eq!(id(&[], Some("a")).unwrap(), "a");
@@ -169,7 +185,8 @@ fn the_instance_id_defaults_to_the_host_name() {
         msg.starts_with("kop.toml: key `service.instance_id`: `a/b` is not"),
         "{msg}"
     );
-    let msg = instance_id(&env(&[]), &file, None, || Ok("höst".into()))
+    let (_, sources) = layered(&[], None);
+    let msg = instance_id(None, &sources, || Ok("höst".into()))
         .unwrap_err()
         .to_string();
     assert!(
@@ -177,7 +194,7 @@ fn the_instance_id_defaults_to_the_host_name() {
             && msg.contains("set service.instance_id or KOP_INSTANCE_ID"),
         "{msg}"
     );
-    let msg = instance_id(&env(&[]), &file, None, no_host)
+    let msg = instance_id(None, &sources, no_host)
         .unwrap_err()
         .to_string();
     assert!(
@@ -186,7 +203,7 @@ fn the_instance_id_defaults_to_the_host_name() {
     );
     // Without a host name, a set id is all it takes.
     assert_eq!(
-        instance_id(&env(&[]), &file, Some("a".into()), no_host).unwrap(),
+        instance_id(Some("a".into()), &sources, no_host).unwrap(),
         "a"
     );
 }
@@ -213,4 +230,107 @@ fn errors_name_the_file_and_the_key() {
     assert!(msg.contains("MAX_PROCESSING_ATTEMPTS"), "{msg}");
     let msg = error_of("[stage\n", &[]);
     assert!(msg.contains("kop.toml"), "{msg}");
+}
+
+/// Checks made after the merge blame where the value came from: the variable when one set
+/// it, even over the file's value.
+#[test]
+fn a_bad_value_from_a_variable_names_the_variable() {
+    let file = "[retry]\nmax_attempts = 3\n[simulate]\nfailure_rate = 0.5\n";
+    for (var, value, says) in [
+        ("MAX_PROCESSING_ATTEMPTS", "0", "must be at least 1"),
+        ("MAX_PROCESSING_ATTEMPTS", "5000000000", "expected u32"),
+        ("SIMULATE_FAILURE_RATE", "2", "not between 0 and 1"),
+        ("PROCESSING_GUARANTEE", "maybe-once", "at-least-once"),
+        ("LOG_FORMAT", "xml", "journald"),
+        ("METRICS_PORT", "65536", "too large"),
+        ("ORDER_RETRY_TOPIC", "a b", "not a legal Kafka topic name"),
+    ] {
+        let msg = error_of(file, &[(var, value)]);
+        assert!(
+            msg.starts_with(&format!("environment variable {var}: ")),
+            "{var}={value}: {msg}"
+        );
+        assert!(msg.contains(value) && msg.contains(says), "{msg}");
+        assert!(!msg.contains("kop.toml"), "blames the file: {msg}");
+    }
+    // A default made of a variable's value is that variable's.
+    let long: &'static str = "t".repeat(245).leak();
+    let msg = error_of("", &[("ORDER_TOPIC", long)]);
+    assert!(
+        msg.starts_with("environment variable ORDER_TOPIC: ") && msg.contains(".retry"),
+        "{msg}"
+    );
+    let msg = error_of("", &[("SERVICE_NAME", "a b")]);
+    assert!(
+        msg.starts_with("environment variable SERVICE_NAME: ") && msg.contains("dedup-changelog"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_bad_value_from_the_file_names_file_and_key() {
+    for (text, key) in [
+        ("[retry]\nmax_attempts = 0\n", "retry.max_attempts"),
+        ("[simulate]\nfailure_rate = -1.0\n", "simulate.failure_rate"),
+        (
+            "[stage]\nprocessing_guarantee = \"maybe\"\n",
+            "stage.processing_guarantee",
+        ),
+        ("[stage]\ndlq_topic = \"a b\"\n", "stage.dlq_topic"),
+        ("[dedup]\nwindow = \"10ms\"\n", "dedup.window"),
+        ("[topics]\npartitions = 0\n", "topics.partitions"),
+        ("[http]\nlisten = \"0.0.0.0:1\"\n", "http"),
+    ] {
+        // A variable for another key changes nothing.
+        let msg = error_of(text, &[("PAYMENT_GROUP_ID", "g"), ("METRICS_PORT", "1")]);
+        assert!(msg.contains("kop.toml: key `"), "{text}: {msg}");
+        assert!(msg.contains(key), "{text}: {msg}");
+        assert!(!msg.contains("environment variable"), "{msg}");
+    }
+    // A variable over a value of the wrong type does not hide the file's mistake.
+    let msg = error_of(
+        "[retry]\nmax_attempts = \"three\"\n",
+        &[("MAX_PROCESSING_ATTEMPTS", "5")],
+    );
+    assert!(msg.contains("kop.toml: key `retry.max_attempts`"), "{msg}");
+    // A port from a variable keeps the file's address; a bad address stays the file's.
+    let (_dir, path) = write("[metrics]\nlisten = \"127.0.0.1:1\"\n");
+    let e = env(&[("METRICS_PORT", "2")]);
+    let c = StageConfig::load(Service::Payment, Some(&path), &e).unwrap();
+    assert_eq!(c.common.metrics_listen, "127.0.0.1:2".parse().unwrap());
+    let msg = error_of("[metrics]\nlisten = \"here\"\n", &[("METRICS_PORT", "2")]);
+    assert!(msg.contains("kop.toml: key `metrics.listen`"), "{msg}");
+}
+
+#[test]
+fn a_default_is_used_when_neither_file_nor_variable_sets_it() {
+    let (_dir, path) = write("[stage]\nmax_in_flight = 7\n[retry]\ndelays = [\"2s\"]\n");
+    let c = StageConfig::load(Service::Inventory, Some(&path), &env(&[])).unwrap();
+    assert_eq!(c.max_in_flight, 7);
+    assert_eq!(c.commit_max_records, 500);
+    assert_eq!(c.stall_timeout, Duration::from_secs(60));
+    assert_eq!(c.retry.max_attempts, 3);
+    assert_eq!(c.retry.delays, [Duration::from_secs(2)]);
+    assert_eq!(c.input, "payments.completed");
+    assert_eq!(c.group_id, "inventory-service");
+    assert_eq!(c.dedup.changelog, "inventory-service.dedup-changelog");
+    assert!(!c.dedup.enabled);
+    assert_eq!(c.common.metrics_listen.port(), 9102);
+    assert_eq!(c.common.topics, TopicsConfig::default());
+    assert_eq!(c.common.simulate, SimulateConfig::default());
+    assert_eq!(c.common.log, LogConfig::default());
+    assert!(
+        StageConfig::load(Service::Payment, None, &env(&[]))
+            .unwrap()
+            .dedup
+            .enabled
+    );
+    let e = env(&[("SERVICE_NAME", "s")]);
+    let c = StageConfig::load(Service::Inventory, Some(&path), &e).unwrap();
+    assert_eq!(c.dedup.changelog, "s.dedup-changelog");
+    let o = OrderConfig::load(None, &env(&[("PORT", "8080")])).unwrap();
+    assert_eq!(o.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(o.topic, "orders.created");
+    assert_eq!(o.max_pending, 100_000);
 }

@@ -229,6 +229,11 @@ fn bad_environment_value_names_the_variable() {
         ("notification", "INVENTORY_DLQ_TOPIC", "x y"),
         ("payment", "KOP_INSTANCE_ID", "node 1"),
         ("order", "KOP_INSTANCE_ID", "node/1"),
+        ("payment", "SIMULATE_FAILURE_RATE", "1.5"),
+        ("inventory", "LOG_FORMAT", "xml"),
+        ("payment", "MAX_PROCESSING_ATTEMPTS", "99999999999"),
+        // A default made of a variable's value is that variable's.
+        ("payment", "ORDER_TOPIC", "t".repeat(245).as_str()),
     ] {
         let config = repo().join(format!("etc/kop/{service}.toml"));
         let outcome = run(service, &["--config", path_str(&config)], &[(var, value)]);
