@@ -189,11 +189,6 @@ impl StageConfig {
         }
         for (key, value, min) in [
             (
-                "stage.commit_interval",
-                stage.commit_interval,
-                Duration::from_millis(1),
-            ),
-            (
                 "stage.stall_timeout",
                 stage.stall_timeout,
                 Duration::from_secs(1),

@@ -282,8 +282,8 @@ pub struct StageConfig {
     pub guarantee: Guarantee,
     /// A transaction holds at most this many records.
     pub commit_max_records: usize,
-    /// Read but no longer used: a transaction commits as soon as the previous commit is
-    /// done and its records are acknowledged.
+    /// The least time between the starts of two commits (transactions, or at-least-once
+    /// offset commits).
     pub commit_interval: Duration,
     /// Records being handled at once.
     pub max_in_flight: usize,

@@ -7,6 +7,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::partitions::PartitionLog;
 use super::txn::{self, CallDone};
 use super::{Handling, OffsetsCall, Stage};
 
@@ -41,7 +42,7 @@ impl Stage {
             self.txn.start_abort();
             return;
         }
-        if !self.txn.should_commit() {
+        if !self.txn.should_commit() || self.commit_spaced_out() {
             return;
         }
         let Some(metadata) = self.consumer.group_metadata() else {
@@ -50,10 +51,27 @@ impl Stage {
         if let Err(e) = self.txn.start_commit(&self.names, metadata) {
             self.txn.doom(format!("cannot list the offsets: {e}"));
         }
+        self.commit_not_before = Some(Instant::now() + self.config.commit_interval);
+    }
+
+    /// The last commit started less than `commit_interval` ago.
+    fn commit_spaced_out(&self) -> bool {
+        self.commit_not_before.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// When the loop must wake for a commit that waits only for `commit_interval`.
+    pub(super) fn commit_due(&self) -> Option<Instant> {
+        let at = self.commit_not_before?;
+        let ready = if self.txn.is_transactional() {
+            !self.txn.is_busy() && self.txn.should_commit()
+        } else {
+            self.offsets_call.is_none() && self.logs.values().any(PartitionLog::has_acked_prefix)
+        };
+        (ready && Instant::now() < at).then_some(at)
     }
 
     pub(super) fn commit_offsets(&mut self) {
-        if self.offsets_call.is_some() {
+        if self.offsets_call.is_some() || self.commit_spaced_out() {
             return;
         }
         let mut list = TopicPartitionList::new();
@@ -83,6 +101,7 @@ impl Stage {
         // A synchronous commit on a blocking thread: its result comes back as an event.
         let consumer = self.consumer.clone();
         let call = tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync));
+        self.commit_not_before = Some(Instant::now() + self.config.commit_interval);
         self.offsets_call = Some(Box::pin(async move {
             match tokio::time::timeout(txn::CALL_TIMEOUT * 2, call).await {
                 Ok(Ok(result)) => result.map_err(|e| e.to_string()),

@@ -173,6 +173,8 @@ pub struct Stage {
     stalled: bool,
     /// The producer's queue was full: release again from then on.
     release_after: Option<Instant>,
+    /// The next commit starts no earlier (`commit_interval` after the last one started).
+    commit_not_before: Option<Instant>,
 }
 
 impl Stage {
@@ -312,6 +314,7 @@ impl Stage {
             generation: 0,
             stalled: false,
             release_after: None,
+            commit_not_before: None,
         })
     }
 
@@ -348,6 +351,7 @@ impl Stage {
             self.follow_rebalance();
             let take = drain_until.is_none() && self.has_room();
             let next_due = self.held.next_due();
+            let commit_at = self.commit_due();
             tokio::select! {
                 biased;
                 _ = shutdown.wait(), if drain_until.is_none() => {
@@ -365,6 +369,7 @@ impl Stage {
                     self.on_handled(work);
                 }
                 _ = sleep_until_ms(next_due), if next_due.is_some() => self.resume_due(),
+                _ = sleep_until(commit_at), if commit_at.is_some() => {}
                 received = self.consumer.recv(), if take => {
                     self.on_received(received.map(|m| Inbound::from_message(&m)));
                     self.drain_input();
@@ -487,6 +492,13 @@ impl Stage {
         info!("draining done; leaving the group");
         self.consumer.unsubscribe();
         self.txn.flush().await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -197,6 +197,15 @@ impl PartitionLog {
         }
     }
 
+    /// Whether the log starts with an acknowledged record, which a commit would cover.
+    pub fn has_acked_prefix(&self) -> bool {
+        self.unsent > 0
+            && matches!(
+                self.slots.front(),
+                Some((_, Slot::Sent { acked: true, .. }))
+            )
+    }
+
     /// The offset after the acknowledged prefix (at-least-once).
     pub fn acked_end(&self) -> Option<i64> {
         let n = self
