@@ -412,6 +412,12 @@ impl Harness {
 /// act while the stage holds records it has not committed.
 const DELAY_3S: &str = "[simulate]\ndelay = \"3s\"\n";
 
+/// Runs `scenario` in each processing guarantee, side by side: each on a mock cluster and a
+/// stage of its own, so they cannot see each other, and the test takes the time of one.
+async fn in_both_guarantees(scenario: impl AsyncFn(&'static str)) {
+    futures_util::future::join(scenario("exactly-once"), scenario("at-least-once")).await;
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -553,7 +559,7 @@ async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
 /// back: ready, and nothing lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
-    for guarantee in ["exactly-once", "at-least-once"] {
+    in_both_guarantees(async |guarantee| {
         // Each record takes 3 s to handle, so the stage holds them when the broker goes.
         let h = start(guarantee, DELAY_3S, &[], &[]).await;
         let orders = ids(&format!("outage-{guarantee}"), 5);
@@ -569,7 +575,7 @@ async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
             |h| !h.health.is_ready(),
         )
         .await;
-        assert_eq!(h.counter("kop_stage_stalled", None), 1.0);
+        assert_eq!(h.counter("kop_stage_stalled", None), 1.0, "{guarantee}");
         h.cluster().broker_up(1).expect("up");
         h.wait_paid(&refs(&orders), Duration::from_secs(60)).await;
         h.wait_until(
@@ -579,7 +585,8 @@ async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
         )
         .await;
         h.stop().await;
-    }
+    })
+    .await;
 }
 
 /// A retry partition held (its record not yet due) when the group rebalances: librdkafka
@@ -745,7 +752,8 @@ async fn a_far_future_retry_time_waits_only_the_longest_delay() {
 /// takes a second refusal.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
-    for (guarantee, refusals) in [("exactly-once", 2), ("at-least-once", 1)] {
+    in_both_guarantees(async |guarantee| {
+        let refusals = if guarantee == "exactly-once" { 2 } else { 1 };
         let h = start(guarantee, DELAY_3S, &[], &[]).await;
         // Injected once the stage holds the order: the error is the stage's, not ours.
         h.send_and_hold(&["refused".to_string()]).await;
@@ -765,15 +773,19 @@ async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
             .find(|m| m.key() == Some(b"refused".as_slice()))
             .expect("dead letter");
         let error = header(letter, "x-error");
-        assert!(error.contains("refused"), "{error}");
+        assert!(error.contains("refused"), "{guarantee}: {error}");
         let after = ids(&format!("after-{guarantee}"), 10);
         for id in &after {
             h.order(id);
         }
         h.wait_paid(&refs(&after), Duration::from_secs(30)).await;
-        assert!(!h.keys(DLQ).iter().any(|k| k.starts_with("after-")));
+        assert!(
+            !h.keys(DLQ).iter().any(|k| k.starts_with("after-")),
+            "{guarantee}"
+        );
         h.stop().await;
-    }
+    })
+    .await;
 }
 
 /// Exactly-once: a record refused once is sent again alone, and paid when the broker takes
@@ -811,13 +823,15 @@ fn header(message: &OwnedMessage, name: &str) -> String {
 /// acknowledged (its offset commits) and counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_order_that_arrives_twice_is_paid_once() {
-    for guarantee in ["exactly-once", "at-least-once"] {
+    in_both_guarantees(async |guarantee| {
         let h = start(guarantee, "", &[], &["twice", "twice", "once"]).await;
         h.wait_paid(&["twice", "once"], Duration::from_secs(30))
             .await;
-        h.wait_until("the repeat is counted", Duration::from_secs(10), |h| {
-            h.counter("kop_repeats_total", None) >= 1.0
-        })
+        h.wait_until(
+            &format!("{guarantee}: the repeat is counted"),
+            Duration::from_secs(10),
+            |h| h.counter("kop_repeats_total", None) >= 1.0,
+        )
         .await;
         let paid = h.read(OUT);
         let twice = paid
@@ -826,5 +840,6 @@ async fn an_order_that_arrives_twice_is_paid_once() {
             .count();
         assert_eq!(twice, 1, "{guarantee}: paid {twice} times");
         h.stop().await;
-    }
+    })
+    .await;
 }
