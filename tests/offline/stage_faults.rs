@@ -593,7 +593,9 @@ async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
 /// keeps the pause across the revocation and re-assignment, so the stage must lift it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_held_across_a_rebalance_is_still_handled() {
-    // Retries may wait up to 30 s: the record below is held for 20 s.
+    // Retries may wait up to 30 s: the record below is held for 10 s, longer than the
+    // rebalance below takes (about a session timeout, 3 s); if it ever is not, the check
+    // after it fails rather than let the test pass without a held partition.
     let h = start(
         "exactly-once",
         "[retry]\ndelays = [\"1s\", \"30s\"]\n",
@@ -601,7 +603,7 @@ async fn a_retry_held_across_a_rebalance_is_still_handled() {
         &[],
     )
     .await;
-    let due = kop::event::now_ms() + 20_000;
+    let due = kop::event::now_ms() + 10_000;
     h.produce(
         RETRY,
         "held",
