@@ -408,9 +408,10 @@ impl Harness {
     }
 }
 
-/// Handling takes 3 s per record (per key, below the 4 s stall timeout), so that a test can
-/// act while the stage holds records it has not committed.
-const DELAY_3S: &str = "[simulate]\ndelay = \"3s\"\n";
+/// Handling takes 2 s per record (per key, below the 4 s stall timeout), so that a test can
+/// act while the stage holds records it has not committed: it acts within a poll (100 ms)
+/// of seeing them consumed.
+const DELAY_2S: &str = "[simulate]\ndelay = \"2s\"\n";
 
 /// Runs `scenario` in each processing guarantee, side by side: each on a mock cluster and a
 /// stage of its own, so they cannot see each other, and the test takes the time of one.
@@ -528,10 +529,10 @@ async fn coordinators_that_move_are_followed() {
 /// (the stage reports itself not ready meanwhile) and goes on once the broker answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
-    // Each record takes 3 s to handle: the broker turns slow while the stage holds them.
+    // Each record takes 2 s to handle: the broker turns slow while the stage holds them.
     // Each request then takes 2 s, so a commit (five requests or so) outlasts the 4 s stall
     // timeout, while the group's heartbeats (3 s session) still get through.
-    let h = start("exactly-once", DELAY_3S, &[], &[]).await;
+    let h = start("exactly-once", DELAY_2S, &[], &[]).await;
     let orders = ids("slow", 5);
     h.send_and_hold(&orders).await;
     h.cluster()
@@ -560,8 +561,8 @@ async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
     in_both_guarantees(async |guarantee| {
-        // Each record takes 3 s to handle, so the stage holds them when the broker goes.
-        let h = start(guarantee, DELAY_3S, &[], &[]).await;
+        // Each record takes 2 s to handle, so the stage holds them when the broker goes.
+        let h = start(guarantee, DELAY_2S, &[], &[]).await;
         let orders = ids(&format!("outage-{guarantee}"), 5);
         h.send_and_hold(&orders).await;
         h.cluster().broker_down(1).expect("down");
@@ -756,7 +757,7 @@ async fn a_far_future_retry_time_waits_only_the_longest_delay() {
 async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
     in_both_guarantees(async |guarantee| {
         let refusals = if guarantee == "exactly-once" { 2 } else { 1 };
-        let h = start(guarantee, DELAY_3S, &[], &[]).await;
+        let h = start(guarantee, DELAY_2S, &[], &[]).await;
         // Injected once the stage holds the order: the error is the stage's, not ours.
         h.send_and_hold(&["refused".to_string()]).await;
         h.cluster().request_errors(
@@ -794,7 +795,7 @@ async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
 /// it then (the first refusal was its batch's, not its own).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_refused_once_is_sent_alone_and_paid() {
-    let h = start("exactly-once", DELAY_3S, &[], &[]).await;
+    let h = start("exactly-once", DELAY_2S, &[], &[]).await;
     h.send_and_hold(&["refused-once".to_string()]).await;
     h.cluster().request_errors(
         RDKafkaApiKey::Produce,
