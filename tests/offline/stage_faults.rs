@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use kop::config::{Service, StageConfig};
+use kop::config::{Service, SimulateConfig, StageConfig};
 use kop::lifecycle::{Health, ShutdownTrigger, shutdown_channel};
 use kop::metrics::Metrics;
 use kop::stage::{Stage, StageError};
@@ -34,12 +34,12 @@ struct Harness {
     trigger: ShutdownTrigger,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    producer: BaseProducer,
     bootstrap: String,
     group: String,
     transactional_id: String,
-    // Declared last: dropped after every client of it.
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    /// Writes the scenario's records, and owns the mock cluster (`test.mock.num.brokers`).
+    // Declared last: dropped after every client of its cluster.
+    producer: BaseProducer,
 }
 
 fn unique(name: &str) -> String {
@@ -67,15 +67,19 @@ async fn start_on(
     kafka: &[(&str, &str)],
     history: &[&str],
 ) -> Harness {
-    // KOP_TEST_LOG=debug shows the stage's log. (The mock's groups need a session timeout
-    // of 3 s or more: with 2 s its first JoinGroup is never answered.)
+    // KOP_TEST_LOG=debug shows the stage's log.
     if let Ok(filter) = std::env::var("KOP_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_test_writer()
             .try_init();
     }
-    let cluster = MockCluster::new(brokers).expect("mock cluster");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("test.mock.num.brokers", brokers.to_string())
+        .create()
+        .expect("producer and mock cluster");
+    no_initial_rebalance_delay(&producer);
+    let cluster = producer.client().mock_cluster().expect("mock cluster");
     let group = unique("group");
     // kop-payment's changelog of paid orderIds too (`[topics] create = false` below).
     let changelog = format!("{group}.dedup-changelog");
@@ -83,10 +87,7 @@ async fn start_on(
         cluster.create_topic(topic, 2, 1).expect("topic");
     }
     let bootstrap = cluster.bootstrap_servers();
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("producer");
+    drop(cluster);
     for id in history {
         producer
             .send(BaseRecord::to(IN).key(*id).payload(&order_json(id)))
@@ -149,12 +150,15 @@ stall_timeout = "4s"
 
     let metrics = Metrics::new("payment-test", "payment").expect("metrics");
     let health = Arc::new(Health::default());
-    let simulate = Arc::new(RwLock::new(config.common.simulate.clone()));
+    // The scenario's `[simulate]` is put in place once the warm-up is through, as SIGHUP
+    // would: a simulated delay is for the scenario's records, not for the warm-up's.
+    let scenario_simulate = config.common.simulate.clone();
+    let simulate = Arc::new(RwLock::new(SimulateConfig::default()));
     let stage = Stage::connect(
         config,
         Arc::new(kop::handlers::Payment),
         metrics.clone(),
-        simulate,
+        simulate.clone(),
     )
     .await
     .expect("the stage connects to the mock cluster");
@@ -166,19 +170,22 @@ stall_timeout = "4s"
         trigger,
         health,
         metrics,
-        producer,
         bootstrap,
         group,
         transactional_id,
-        cluster,
+        producer,
     };
-    // The group's first assignment takes the mock's initial rebalance delay (3 s): an order
-    // through proves the stage consumes before a scenario starts. Orders written before the
-    // assignment may be skipped (auto.offset.reset = latest), so one goes every second.
+    // An order through proves the stage consumes before a scenario starts. Orders written
+    // before the assignment may be skipped (a scenario may set auto.offset.reset = latest),
+    // so one goes every second until one is through.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent: Option<Instant> = None;
     for n in 0.. {
-        harness.order(&format!("warm-up-{n}"));
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if sent.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            harness.order(&format!("warm-up-{n}"));
+            sent = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         if harness.keys(OUT).iter().any(|k| k.starts_with("warm-up-")) {
             break;
         }
@@ -193,7 +200,24 @@ stall_timeout = "4s"
         })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    *simulate.write().expect("simulate") = scenario_simulate;
     harness
+}
+
+/// The mock holds a group's first join for 3 s, as a broker does by default
+/// (`group.initial.rebalance.delay.ms`); the test broker runs with 0, and so does the mock
+/// here, instead of every scenario waiting that long before it starts.
+fn no_initial_rebalance_delay(owner: &BaseProducer) {
+    use rdkafka::bindings::{
+        rd_kafka_handle_mock_cluster, rd_kafka_mock_group_initial_rebalance_delay_ms,
+    };
+    // rust-rdkafka does not wrap this setting of the mock.
+    // SAFETY: `owner` is a live client, and the mock cluster it owns lives as long as it.
+    unsafe {
+        let mock = rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+        assert!(!mock.is_null(), "the client owns no mock cluster");
+        rd_kafka_mock_group_initial_rebalance_delay_ms(mock, 0);
+    }
 }
 
 fn order_json(id: &str) -> Vec<u8> {
@@ -203,6 +227,11 @@ fn order_json(id: &str) -> Vec<u8> {
 }
 
 impl Harness {
+    /// The mock cluster, to inject faults with.
+    fn cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
+        self.producer.client().mock_cluster().expect("mock cluster")
+    }
+
     fn produce(&self, topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) {
         let mut owned = OwnedHeaders::new();
         for (k, v) in headers {
@@ -379,9 +408,16 @@ impl Harness {
     }
 }
 
-/// Handling takes 3 s per record (per key, below the 4 s stall timeout), so that a test can
-/// act while the stage holds records it has not committed.
-const DELAY_3S: &str = "[simulate]\ndelay = \"3s\"\n";
+/// Handling takes 2 s per record (per key, below the 4 s stall timeout), so that a test can
+/// act while the stage holds records it has not committed: it acts within a poll (100 ms)
+/// of seeing them consumed.
+const DELAY_2S: &str = "[simulate]\ndelay = \"2s\"\n";
+
+/// Runs `scenario` in each processing guarantee, side by side: each on a mock cluster and a
+/// stage of its own, so they cannot see each other, and the test takes the time of one.
+async fn in_both_guarantees(scenario: impl AsyncFn(&'static str)) {
+    futures_util::future::join(scenario("exactly-once"), scenario("at-least-once")).await;
+}
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
@@ -395,7 +431,7 @@ fn refs(ids: &[String]) -> Vec<&str> {
 async fn a_commit_that_fails_is_aborted_and_read_again() {
     let h = start("exactly-once", "", &[], &[]).await;
     // One error: the commit fails, the abort that follows works.
-    h.cluster.request_errors(
+    h.cluster().request_errors(
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN],
     );
@@ -419,7 +455,7 @@ async fn a_commit_that_fails_is_aborted_and_read_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fenced_producer_is_replaced_without_exiting() {
     let h = start("exactly-once", "", &[], &[]).await;
-    h.cluster.request_errors(
+    h.cluster().request_errors(
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
     );
@@ -434,7 +470,7 @@ async fn a_fenced_producer_is_replaced_without_exiting() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_abort_that_fails_is_repaired_with_a_new_producer() {
     let h = start("exactly-once", "", &[], &[]).await;
-    h.cluster.request_errors(
+    h.cluster().request_errors(
         RDKafkaApiKey::EndTxn,
         &[
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN,
@@ -457,7 +493,7 @@ async fn errors_on_every_transaction_request_are_recovered() {
         RDKafkaApiKey::FindCoordinator,
         RDKafkaApiKey::Produce,
     ] {
-        h.cluster.request_errors(
+        h.cluster().request_errors(
             key,
             &[
                 RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
@@ -475,13 +511,13 @@ async fn coordinators_that_move_are_followed() {
     let h = start_on(3, "exactly-once", "", &[], &[]).await;
     h.pay_all("before-the-move", 5).await;
     for broker in [2, 3] {
-        h.cluster
+        h.cluster()
             .coordinator(
                 MockCoordinator::Transaction(h.transactional_id.clone()),
                 broker,
             )
             .expect("move the transaction coordinator");
-        h.cluster
+        h.cluster()
             .coordinator(MockCoordinator::Group(h.group.clone()), broker)
             .expect("move the group coordinator");
         h.pay_all(&format!("moved-to-{broker}"), 10).await;
@@ -493,13 +529,13 @@ async fn coordinators_that_move_are_followed() {
 /// (the stage reports itself not ready meanwhile) and goes on once the broker answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
-    // Each record takes 3 s to handle: the broker turns slow while the stage holds them.
+    // Each record takes 2 s to handle: the broker turns slow while the stage holds them.
     // Each request then takes 2 s, so a commit (five requests or so) outlasts the 4 s stall
     // timeout, while the group's heartbeats (3 s session) still get through.
-    let h = start("exactly-once", DELAY_3S, &[], &[]).await;
+    let h = start("exactly-once", DELAY_2S, &[], &[]).await;
     let orders = ids("slow", 5);
     h.send_and_hold(&orders).await;
-    h.cluster
+    h.cluster()
         .broker_round_trip_time(1, Duration::from_secs(2))
         .expect("rtt");
     h.wait_until(
@@ -509,7 +545,7 @@ async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
     )
     .await;
     assert_eq!(h.counter("kop_stage_stalled", None), 1.0);
-    h.cluster
+    h.cluster()
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("rtt");
     h.wait_paid(&refs(&orders), Duration::from_secs(60)).await;
@@ -524,20 +560,24 @@ async fn a_slow_transaction_call_makes_the_stage_not_ready_then_it_goes_on() {
 /// back: ready, and nothing lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
-    for guarantee in ["exactly-once", "at-least-once"] {
-        // Each record takes 3 s to handle, so the stage holds them when the broker goes.
-        let h = start(guarantee, DELAY_3S, &[], &[]).await;
+    in_both_guarantees(async |guarantee| {
+        // Each record takes 2 s to handle, so the stage holds them when the broker goes.
+        let h = start(guarantee, DELAY_2S, &[], &[]).await;
         let orders = ids(&format!("outage-{guarantee}"), 5);
         h.send_and_hold(&orders).await;
-        h.cluster.broker_down(1).expect("down");
+        h.cluster().broker_down(1).expect("down");
+        assert!(
+            h.counter("inflight_handlers", None) > 0.0,
+            "{guarantee}: the orders were handled before the broker went: the test proves nothing"
+        );
         h.wait_until(
             &format!("{guarantee}: not ready during the outage"),
             Duration::from_secs(30),
             |h| !h.health.is_ready(),
         )
         .await;
-        assert_eq!(h.counter("kop_stage_stalled", None), 1.0);
-        h.cluster.broker_up(1).expect("up");
+        assert_eq!(h.counter("kop_stage_stalled", None), 1.0, "{guarantee}");
+        h.cluster().broker_up(1).expect("up");
         h.wait_paid(&refs(&orders), Duration::from_secs(60)).await;
         h.wait_until(
             &format!("{guarantee}: ready again"),
@@ -546,14 +586,17 @@ async fn a_broker_outage_is_reported_and_recovered_in_both_guarantees() {
         )
         .await;
         h.stop().await;
-    }
+    })
+    .await;
 }
 
 /// A retry partition held (its record not yet due) when the group rebalances: librdkafka
 /// keeps the pause across the revocation and re-assignment, so the stage must lift it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_held_across_a_rebalance_is_still_handled() {
-    // Retries may wait up to 30 s: the record below is held for 20 s.
+    // Retries may wait up to 30 s: the record below is held for 10 s, longer than the
+    // rebalance below takes (about a session timeout, 3 s); if it ever is not, the check
+    // after it fails rather than let the test pass without a held partition.
     let h = start(
         "exactly-once",
         "[retry]\ndelays = [\"1s\", \"30s\"]\n",
@@ -561,7 +604,7 @@ async fn a_retry_held_across_a_rebalance_is_still_handled() {
         &[],
     )
     .await;
-    let due = kop::event::now_ms() + 20_000;
+    let due = kop::event::now_ms() + 10_000;
     h.produce(
         RETRY,
         "held",
@@ -598,19 +641,19 @@ async fn a_transaction_failing_with_records_in_doubt_ends_under_a_new_producer()
     let h = start_on(2, "exactly-once", "[dedup]\nenabled = false\n", &[], &[]).await;
     // The outputs live on broker 2; the inputs and both coordinators on broker 1.
     for partition in 0..2 {
-        h.cluster
+        h.cluster()
             .partition_leader(OUT, partition, Some(2))
             .expect("leader");
         for topic in [IN, RETRY, DLQ] {
-            h.cluster
+            h.cluster()
                 .partition_leader(topic, partition, Some(1))
                 .expect("leader");
         }
     }
-    h.cluster
+    h.cluster()
         .coordinator(MockCoordinator::Group(h.group.clone()), 1)
         .expect("group coordinator");
-    h.cluster
+    h.cluster()
         .coordinator(MockCoordinator::Transaction(h.transactional_id.clone()), 1)
         .expect("transaction coordinator");
     // The stage found its coordinators before they moved to broker 1 (the mock may have put
@@ -626,7 +669,7 @@ async fn a_transaction_failing_with_records_in_doubt_ends_under_a_new_producer()
     .await;
     // Broker 2 answers after 20 s (below the stage's 30 s message timeout): the outputs
     // below stay unacknowledged meanwhile.
-    h.cluster
+    h.cluster()
         .broker_round_trip_time(2, Duration::from_secs(20))
         .expect("rtt");
     let orders = ids("doubt", 6);
@@ -651,7 +694,7 @@ async fn a_transaction_failing_with_records_in_doubt_ends_under_a_new_producer()
         |h| h.rebuilds() >= 1.0,
     )
     .await;
-    h.cluster
+    h.cluster()
         .broker_round_trip_time(2, Duration::ZERO)
         .expect("rtt");
     drop(member);
@@ -665,7 +708,7 @@ async fn a_transaction_failing_with_records_in_doubt_ends_under_a_new_producer()
 async fn an_abort_rewinds_to_where_reading_started_not_to_the_beginning() {
     let old = ["old-1", "old-2", "old-3"];
     let h = start("exactly-once", "", &[("auto.offset.reset", "latest")], &old).await;
-    h.cluster.request_errors(
+    h.cluster().request_errors(
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 2],
     );
@@ -712,11 +755,12 @@ async fn a_far_future_retry_time_waits_only_the_longest_delay() {
 /// takes a second refusal.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
-    for (guarantee, refusals) in [("exactly-once", 2), ("at-least-once", 1)] {
-        let h = start(guarantee, DELAY_3S, &[], &[]).await;
+    in_both_guarantees(async |guarantee| {
+        let refusals = if guarantee == "exactly-once" { 2 } else { 1 };
+        let h = start(guarantee, DELAY_2S, &[], &[]).await;
         // Injected once the stage holds the order: the error is the stage's, not ours.
         h.send_and_hold(&["refused".to_string()]).await;
-        h.cluster.request_errors(
+        h.cluster().request_errors(
             RDKafkaApiKey::Produce,
             &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; refusals],
         );
@@ -732,24 +776,28 @@ async fn a_record_the_broker_refuses_becomes_a_dead_letter_alone() {
             .find(|m| m.key() == Some(b"refused".as_slice()))
             .expect("dead letter");
         let error = header(letter, "x-error");
-        assert!(error.contains("refused"), "{error}");
+        assert!(error.contains("refused"), "{guarantee}: {error}");
         let after = ids(&format!("after-{guarantee}"), 10);
         for id in &after {
             h.order(id);
         }
         h.wait_paid(&refs(&after), Duration::from_secs(30)).await;
-        assert!(!h.keys(DLQ).iter().any(|k| k.starts_with("after-")));
+        assert!(
+            !h.keys(DLQ).iter().any(|k| k.starts_with("after-")),
+            "{guarantee}"
+        );
         h.stop().await;
-    }
+    })
+    .await;
 }
 
 /// Exactly-once: a record refused once is sent again alone, and paid when the broker takes
 /// it then (the first refusal was its batch's, not its own).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_refused_once_is_sent_alone_and_paid() {
-    let h = start("exactly-once", DELAY_3S, &[], &[]).await;
+    let h = start("exactly-once", DELAY_2S, &[], &[]).await;
     h.send_and_hold(&["refused-once".to_string()]).await;
-    h.cluster.request_errors(
+    h.cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
@@ -778,13 +826,15 @@ fn header(message: &OwnedMessage, name: &str) -> String {
 /// acknowledged (its offset commits) and counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_order_that_arrives_twice_is_paid_once() {
-    for guarantee in ["exactly-once", "at-least-once"] {
+    in_both_guarantees(async |guarantee| {
         let h = start(guarantee, "", &[], &["twice", "twice", "once"]).await;
         h.wait_paid(&["twice", "once"], Duration::from_secs(30))
             .await;
-        h.wait_until("the repeat is counted", Duration::from_secs(10), |h| {
-            h.counter("kop_repeats_total", None) >= 1.0
-        })
+        h.wait_until(
+            &format!("{guarantee}: the repeat is counted"),
+            Duration::from_secs(10),
+            |h| h.counter("kop_repeats_total", None) >= 1.0,
+        )
         .await;
         let paid = h.read(OUT);
         let twice = paid
@@ -793,5 +843,6 @@ async fn an_order_that_arrives_twice_is_paid_once() {
             .count();
         assert_eq!(twice, 1, "{guarantee}: paid {twice} times");
         h.stop().await;
-    }
+    })
+    .await;
 }

@@ -10,16 +10,15 @@
 //! is served. At most `MAX_CLOSING` are closing at once and `MAX_WAITING` wait for them,
 //! so the descriptors held stay within the cap plus 80.
 
+mod connection;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,12 +27,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus::{IntCounter, IntGauge};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::lifecycle::Shutdown;
+use connection::{ConnectionState, Watched};
 
 /// How long in-flight requests may take to finish after shutdown was asked. With the
 /// producer's flush after it, this stays inside the units' `TimeoutStopSec` (30 s).
@@ -331,7 +330,7 @@ async fn watch_connection<C: Future, F>(
         tokio::select! {
             _ = &mut connection => return false,
             _ = check.tick() => {
-                if let Some(why) = state.overdue(limits) {
+                if let Some(why) = state.overdue(limits.header_read_timeout, limits.idle_timeout) {
                     debug!(why, "closing a connection");
                     return true;
                 }
@@ -348,135 +347,6 @@ async fn watch_connection<C: Future, F>(
     }
 }
 
-/// Milliseconds on a monotonic clock that starts with the process (0 means "never").
-fn clock_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1)
-}
-
-/// What one connection is doing, as its watch needs to know.
-struct ConnectionState {
-    /// Requests being answered (more than one only when pipelined).
-    requests: AtomicU32,
-    /// When the last answer was given, or the connection opened.
-    idle_since: AtomicU64,
-    /// When the first byte of the next request arrived; 0 while none did.
-    head_started: AtomicU64,
-    /// Asked to close to make room for a new connection.
-    close: Notify,
-    closing: AtomicBool,
-}
-
-impl ConnectionState {
-    fn new() -> Self {
-        ConnectionState {
-            requests: AtomicU32::new(0),
-            idle_since: AtomicU64::new(clock_ms()),
-            head_started: AtomicU64::new(0),
-            close: Notify::new(),
-            closing: AtomicBool::new(false),
-        }
-    }
-
-    fn bytes_read(&self) {
-        if self.requests.load(Ordering::Acquire) == 0
-            && self.head_started.load(Ordering::Acquire) == 0
-        {
-            self.head_started.store(clock_ms(), Ordering::Release);
-        }
-    }
-
-    fn request_started(self: &Arc<Self>) -> RequestGuard {
-        self.requests.fetch_add(1, Ordering::AcqRel);
-        self.head_started.store(0, Ordering::Release);
-        RequestGuard(self.clone())
-    }
-
-    fn is_idle(&self) -> bool {
-        self.requests.load(Ordering::Acquire) == 0 && self.head_started.load(Ordering::Acquire) == 0
-    }
-
-    /// Why the connection should be closed now, if it should. A request being answered is
-    /// the handler's to bound (its body's read time, Kafka's acknowledgement).
-    fn overdue(&self, limits: Limits) -> Option<&'static str> {
-        if self.requests.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let now = clock_ms();
-        let since = |at: u64| Duration::from_millis(now.saturating_sub(at));
-        match self.head_started.load(Ordering::Acquire) {
-            0 => (since(self.idle_since.load(Ordering::Acquire)) >= limits.idle_timeout)
-                .then_some("idle for idle_timeout"),
-            started => (since(started) >= limits.header_read_timeout)
-                .then_some("request head not received within header_read_timeout"),
-        }
-    }
-}
-
-/// Marks a request as being answered while alive.
-struct RequestGuard(Arc<ConnectionState>);
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        self.0.idle_since.store(clock_ms(), Ordering::Release);
-        self.0.requests.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A TCP stream that tells its connection's state when bytes arrive.
-struct Watched {
-    stream: TcpStream,
-    state: Arc<ConnectionState>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.bytes_read();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,32 +360,5 @@ mod tests {
             "{head}"
         );
         let _: serde_json::Value = serde_json::from_str(body).unwrap();
-    }
-
-    #[test]
-    fn idle_and_slow_heads_are_told_apart() {
-        let limits = Limits {
-            header_read_timeout: Duration::from_millis(40),
-            idle_timeout: Duration::from_millis(400),
-            max_connections: 1,
-        };
-        let state = Arc::new(ConnectionState::new());
-        assert!(state.is_idle());
-        std::thread::sleep(Duration::from_millis(60));
-        // Idle past the header timeout is still only idle.
-        assert_eq!(state.overdue(limits), None);
-        state.bytes_read();
-        assert!(!state.is_idle());
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(
-            state.overdue(limits),
-            Some("request head not received within header_read_timeout")
-        );
-        // A request being answered is never overdue here.
-        let request = state.request_started();
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(state.overdue(limits), None);
-        drop(request);
-        assert!(state.is_idle());
     }
 }

@@ -6,78 +6,21 @@
 //! when the broker refuses a record's outcome outright, the record is dead-lettered with
 //! ever tighter bounds, so the partition always moves on.
 
+mod bound;
+mod headers;
+mod outcome;
+
 use std::time::Instant;
 
-use rdkafka::message::{Headers, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use tracing::{debug, warn};
 
-use super::{Handled, Handler, Inbound};
+use super::record::{Handled, Handler, Inbound};
 use crate::config::{RetryConfig, StageConfig};
-use crate::kafka::{self, H_ORIGINAL_SIZE, H_TRACEPARENT, H_TRUNCATED};
 use crate::retry::{self, Destination, HandlerError, OriginCoordinates, RoutingState};
+use headers::{next_hop_headers, order_id, trace_id};
 
-/// Room left for librdkafka's own framing of a record (its size check counts it).
-const FRAMING_BYTES: usize = 512;
-/// A key or header set larger than this is cut or dropped when a dead letter must shrink.
-const SMALL_BYTES: usize = 1024;
-
-/// Which of the stage's topics a record goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    Output,
-    Retry,
-    DeadLetter,
-    /// The changelog of the handled keys (`seen.rs`).
-    Changelog,
-}
-
-#[derive(Debug)]
-pub struct OutRecord {
-    pub target: Target,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: OwnedHeaders,
-}
-
-impl OutRecord {
-    pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + headers_size(&self.headers)
-    }
-}
-
-/// What handling a record came to.
-#[derive(Debug)]
-pub struct Outcome {
-    /// The record to produce; `None` when there is nothing to write (the last stage).
-    pub record: Option<OutRecord>,
-    /// The consumed record, kept while its outcome may have to be written again (a
-    /// refused record becomes a dead letter of it).
-    pub source: Option<Inbound>,
-    /// The dead letter was cut to fit.
-    pub truncated: bool,
-    /// Written in a transaction of its own: the broker refused this record's outcome once,
-    /// perhaps for the batch it was in, so the next refusal is surely its own.
-    pub solo: bool,
-}
-
-impl Outcome {
-    /// Nothing to write: the last stage's outcome, or a repeat's.
-    pub fn nothing() -> Self {
-        Outcome {
-            record: None,
-            source: None,
-            truncated: false,
-            solo: false,
-        }
-    }
-
-    #[cfg(test)]
-    pub fn target(&self) -> Option<Target> {
-        self.record.as_ref().map(|r| r.target)
-    }
-}
+pub use outcome::{OutRecord, Outcome, Target};
 
 /// The stage's topics and policies, as far as one record's fate needs them.
 pub struct Router {
@@ -253,8 +196,7 @@ impl Router {
             value: source.payload.clone(),
             headers: headers_of(source.headers.as_ref(), error),
         };
-        let limit = self.max_record_bytes.saturating_sub(FRAMING_BYTES);
-        if level == 0 && full.size() <= limit {
+        if level == 0 && bound::fits(&full, self.max_record_bytes) {
             return Outcome {
                 record: Some(full),
                 source: Some(source),
@@ -263,63 +205,9 @@ impl Router {
             };
         }
         // A retry record that cannot fit could never be handled either: it is dead.
-        let target = Target::DeadLetter;
-        let mut cuts = Vec::new();
-        let error_text = cut_text(error, SMALL_BYTES);
-        let original_headers = source.headers.as_ref().map_or(0, headers_size);
-        let keep_headers = level <= 1 && original_headers <= SMALL_BYTES.max(limit / 4);
-        if !keep_headers && original_headers > 0 {
-            cuts.push(format!(
-                "original headers ({original_headers} bytes) dropped"
-            ));
-        }
-        let mut key = source.key.clone();
-        if let Some(k) = &mut key
-            && (level >= 2 || k.len() > limit / 4)
-            && k.len() > SMALL_BYTES
-        {
-            cuts.push(format!("key cut to {SMALL_BYTES} of {} bytes", k.len()));
-            k.truncate(SMALL_BYTES);
-        }
-        let value_len = source.payload.as_ref().map_or(0, Vec::len);
-        let mut headers = headers_of(
-            source.headers.as_ref().filter(|_| keep_headers),
-            &error_text,
-        );
-        let room = limit
-            .saturating_sub(key.as_ref().map_or(0, Vec::len))
-            .saturating_sub(headers_size(&headers))
-            .saturating_sub(SMALL_BYTES); // the two headers added below
-        let budget = match level {
-            0 | 1 => room,
-            2 => room.min(SMALL_BYTES),
-            _ => 0,
-        };
-        let value = source.payload.as_ref().and_then(|v| {
-            if v.len() <= budget {
-                Some(v.clone())
-            } else {
-                cuts.push(format!("value cut to {budget} of {} bytes", v.len()));
-                (budget > 0).then(|| v[..budget].to_vec())
-            }
-        });
-        let why = if level == 0 {
-            format!(
-                "larger than the producer's message.max.bytes ({})",
-                self.max_record_bytes
-            )
-        } else {
-            error_text.clone()
-        };
-        headers = kafka::with_header(headers, H_TRUNCATED, &format!("{}: {why}", cuts.join("; ")));
-        headers = kafka::with_header(headers, H_ORIGINAL_SIZE, &value_len.to_string());
+        let record = bound::dead_letter(&source, error, level, self.max_record_bytes, headers_of);
         Outcome {
-            record: Some(OutRecord {
-                target,
-                key,
-                value,
-                headers,
-            }),
+            record: Some(record),
             source: Some(source),
             truncated: true,
             solo: false,
@@ -352,63 +240,12 @@ fn attempt_of(routing: &Result<RoutingState, HandlerError>) -> u32 {
         .unwrap_or(1)
 }
 
-/// Serialized size of headers, as librdkafka counts them (near enough: varint lengths).
-fn headers_size(headers: &OwnedHeaders) -> usize {
-    headers
-        .iter()
-        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10)
-        .sum()
-}
-
-fn cut_text(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
-
-/// The order id of a record, for logs: the Kafka key is the order id.
-pub fn order_id(record: &Inbound) -> String {
-    record
-        .key
-        .as_deref()
-        .map(|k| cut_text(&String::from_utf8_lossy(k), 128))
-        .unwrap_or_default()
-}
-
-fn trace_id(record: &Inbound) -> &str {
-    record
-        .headers
-        .as_ref()
-        .and_then(|h| kafka::header_str(h, H_TRACEPARENT))
-        .and_then(Result::ok)
-        .and_then(crate::trace::trace_id)
-        .unwrap_or("")
-}
-
-/// The headers of the downstream event: the consumed ones without kop's routing headers,
-/// with the trace carried on to a new span.
-pub fn next_hop_headers(headers: Option<&OwnedHeaders>) -> OwnedHeaders {
-    let mut skip = kafka::ROUTING_HEADERS.to_vec();
-    skip.push(H_TRACEPARENT);
-    let copied = kafka::copy_headers_except(headers, &skip);
-    let parent = headers
-        .and_then(|h| kafka::header_str(h, H_TRACEPARENT))
-        .and_then(Result::ok);
-    let traceparent = parent
-        .and_then(crate::trace::next_hop)
-        .unwrap_or_else(crate::trace::new_traceparent);
-    kafka::with_header(copied, H_TRACEPARENT, &traceparent)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::bound::{FRAMING_BYTES, SMALL_BYTES};
     use super::*;
     use crate::config::{Service, StageConfig};
+    use crate::kafka::{self, H_ORIGINAL_SIZE, H_TRUNCATED};
 
     fn router(max: &str) -> Router {
         let env: std::collections::BTreeMap<&str, &str> = Default::default();
@@ -433,26 +270,6 @@ mod tests {
 
     fn header(record: &OutRecord, name: &str) -> Option<String> {
         kafka::header_str(&record.headers, name).map(|v| v.unwrap().to_string())
-    }
-
-    #[test]
-    fn downstream_headers_carry_the_trace_and_drop_routing() {
-        let original = kafka::with_header(
-            kafka::with_header(OwnedHeaders::new(), "x-attempt", "2"),
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        );
-        let out = next_hop_headers(Some(&original));
-        assert!(kafka::header_str(&out, "x-attempt").is_none());
-        let tp = kafka::header_str(&out, "traceparent").unwrap().unwrap();
-        assert_eq!(
-            crate::trace::trace_id(tp),
-            Some("0af7651916cd43dd8448eb211c80319c")
-        );
-        assert_ne!(
-            tp,
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        );
     }
 
     #[test]
