@@ -24,6 +24,7 @@
 
 mod commit;
 mod context;
+mod counters;
 mod health;
 mod held;
 mod input;
@@ -43,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use prometheus::IntCounter;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
@@ -58,11 +58,12 @@ use crate::retry::{HandlerError, RoutingState};
 
 use commit::offsets_done;
 use context::{Dedup, Delivery, StageContext};
+use counters::Counters;
 use health::{Progress, Verdict};
 use held::Held;
 use keys::{KeyHash, KeyQueues};
 use partitions::{Names, PartitionLog, Pid};
-use route::{Router, Target};
+use route::Router;
 use seen::Seen;
 use txn::{State, Txn};
 
@@ -101,48 +102,6 @@ struct Work {
 
 type Handling = FuturesUnordered<Pin<Box<dyn Future<Output = Work> + Send + Sync>>>;
 type OffsetsCall = Pin<Box<dyn Future<Output = Result<(), String>> + Send + Sync>>;
-
-/// The series a stage updates per record, looked up once.
-struct Counters {
-    consumed_input: IntCounter,
-    consumed_retry: IntCounter,
-    produced: [IntCounter; 4],
-    retries: IntCounter,
-    dead_letters: IntCounter,
-    commits: IntCounter,
-    aborts: IntCounter,
-    handler_errors: IntCounter,
-}
-
-impl Counters {
-    fn new(metrics: &Metrics, config: &StageConfig, stage: &str) -> Self {
-        let produced = |topic: &str| metrics.produced.with_label_values(&[topic]);
-        Counters {
-            consumed_input: metrics.consumed.with_label_values(&[&config.input]),
-            consumed_retry: metrics.consumed.with_label_values(&[&config.retry_topic]),
-            produced: [
-                produced(config.output.as_deref().unwrap_or(&config.dlq_topic)),
-                produced(&config.retry_topic),
-                produced(&config.dlq_topic),
-                if config.dedup.enabled {
-                    produced(&config.dedup.changelog)
-                } else {
-                    // Never counted: no series for a changelog that does not exist.
-                    IntCounter::new("unused", "unused").expect("a valid name")
-                },
-            ],
-            retries: metrics.retries.with_label_values(&[&config.retry_topic]),
-            dead_letters: metrics.dead_letters.with_label_values(&[&config.dlq_topic]),
-            commits: metrics.transactions.with_label_values(&["commit"]),
-            aborts: metrics.transactions.with_label_values(&["abort"]),
-            handler_errors: metrics.handler_errors.with_label_values(&[stage]),
-        }
-    }
-
-    fn produced(&self, target: Target) -> &IntCounter {
-        &self.produced[target as usize]
-    }
-}
 
 pub struct Stage {
     /// The keys handled, when the stage keeps them (`[dedup]`).

@@ -53,8 +53,8 @@ fn unique(name: &str) -> String {
 }
 
 /// Starts kop-payment's stage against a fresh one-broker mock cluster; `extra` is more
-/// TOML sections (e.g. `[simulate]`), `kafka` more librdkafka properties, `history` orders
-/// written before the stage starts.
+/// `[stage]` keys (its lines before any section) and more TOML sections (e.g. `[simulate]`),
+/// `kafka` more librdkafka properties, `history` orders written before the stage starts.
 async fn start(guarantee: &str, extra: &str, kafka: &[(&str, &str)], history: &[&str]) -> Harness {
     start_on(1, guarantee, extra, kafka, history).await
 }
@@ -112,6 +112,11 @@ async fn start_on(
     } else {
         "[dedup]\nenabled = true\n"
     };
+    let (stage_lines, extra) = match extra.find("\n[") {
+        _ if extra.starts_with('[') => ("", extra),
+        Some(at) => extra.split_at(at + 1),
+        None => (extra, ""),
+    };
     let mut kafka_lines = String::new();
     for (k, v) in kafka {
         kafka_lines.push_str(&format!("\"{k}\" = \"{v}\"\n"));
@@ -137,6 +142,7 @@ dlq_topic = "{DLQ}"
 group_id = "{group}"
 processing_guarantee = "{guarantee}"
 stall_timeout = "4s"
+{stage_lines}
 {dedup}
 {retry}
 {extra}
@@ -376,6 +382,35 @@ impl Harness {
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter(|l| label.is_none_or(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Records of the input the stage's group has not committed yet.
+    fn uncommitted(&self) -> i64 {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in 0..2 {
+            list.add_partition(IN, p);
+        }
+        let committed = reader
+            .committed_offsets(list, Duration::from_secs(5))
+            .expect("committed offsets");
+        (0..2)
+            .map(|p| {
+                let (low, high) = reader
+                    .fetch_watermarks(IN, p, Duration::from_secs(5))
+                    .expect("watermarks");
+                let done = match committed.find_partition(IN, p).map(|e| e.offset()) {
+                    Some(rdkafka::Offset::Offset(o)) => o,
+                    _ => low,
+                };
+                high - done
+            })
             .sum()
     }
 
@@ -842,6 +877,52 @@ async fn an_order_that_arrives_twice_is_paid_once() {
             .filter(|m| m.key() == Some(b"twice".as_slice()))
             .count();
         assert_eq!(twice, 1, "{guarantee}: paid {twice} times");
+        h.stop().await;
+    })
+    .await;
+}
+
+/// Commits start at least `commit_interval` apart, in both guarantees, however often
+/// records arrive; and the last records are committed without any record after them (the
+/// loop wakes for the interval).
+#[tokio::test(flavor = "multi_thread")]
+async fn commits_are_spaced_by_the_commit_interval() {
+    in_both_guarantees(async |guarantee| {
+        let interval = Duration::from_millis(400);
+        let h = start(guarantee, "commit_interval = \"400ms\"\n", &[], &[]).await;
+        let before = h.commits();
+        let started = Instant::now();
+        // One order every 50 ms for 1.5 s: unspaced, about one commit each.
+        let orders = ids(&format!("paced-{guarantee}"), 30);
+        for id in &orders {
+            h.order(id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        h.wait_paid(&refs(&orders), Duration::from_secs(10)).await;
+        if guarantee == "at-least-once" {
+            h.wait_until(
+                "every order committed, the last with nothing after it",
+                Duration::from_secs(10),
+                |h| h.uncommitted() == 0,
+            )
+            .await;
+        } else {
+            // librdkafka's mock keeps no offsets of a transaction (TxnOffsetCommit is
+            // answered, not stored), so the last commit is waited for, not observed.
+            tokio::time::sleep(interval * 3).await;
+        }
+        let commits = h.commits() - before;
+        let elapsed = started.elapsed();
+        // n commits started in the span are n − 1 intervals apart at least.
+        let most = (elapsed.as_secs_f64() / interval.as_secs_f64()).floor() + 1.0;
+        assert!(
+            commits <= most,
+            "{guarantee}: {commits} commits in {elapsed:?}, at most {most} at one per {interval:?}"
+        );
+        assert!(
+            commits >= 2.0,
+            "{guarantee}: {commits} commits for orders over {elapsed:?}: the test proves nothing"
+        );
         h.stop().await;
     })
     .await;
