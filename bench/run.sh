@@ -301,6 +301,8 @@ BROKER_S=$((SECONDS - T_BENCH))
 
 SHIPPED_MAX_IN_FLIGHT=$(sed -n 's/^max_in_flight = \([0-9]*\).*/\1/p' "$ROOT/etc/kop/payment.toml")
 [[ -n $SHIPPED_MAX_IN_FLIGHT ]] || die "etc/kop/payment.toml has no max_in_flight"
+SHIPPED_COMMIT_MAX=$(sed -n 's/^commit_max_records = \([0-9]*\).*/\1/p' "$ROOT/etc/kop/payment.toml")
+[[ -n $SHIPPED_COMMIT_MAX ]] || die "etc/kop/payment.toml has no commit_max_records"
 # The configuration of the 10,000-in-flight rows: the shipped files with another
 # [stage] max_in_flight (it has no environment variable).
 HIGH_CONFIG=$OUT/config-high
@@ -533,10 +535,10 @@ RAW_RATE=$(jq -r '.combined.rate' "$OUT/raw-$RAW_BEST.json")
 RAW_RATES=$(for ((i = 1; i <= RAW_RUNS; i++)); do f "$OUT/raw-$i.json" .combined.rate 0; echo; done)
 RAW_SPREAD=$(awk 'NR == 1 || $1 < lo { lo = $1 } $1 > hi { hi = $1 } END { printf "%.0f", (hi > 0 ? 100 * (hi - lo) / hi : 0) }' <<<"$RAW_RATES")
 say "    the ceiling: $(f "$OUT/raw-$RAW_BEST.json" .combined.rate 0) records/s (run $RAW_BEST); the runs differ by $RAW_SPREAD %"
-say "(a') the same with transactions of 500 records: $RAW_TXN_RECORDS records"
+say "(a') the same with transactions of $SHIPPED_COMMIT_MAX records: $RAW_TXN_RECORDS records"
 run_child "$OUT/raw-txn.json" "$OUT/raw-txn.log" \
 	"$RAW_BIN" --bench --brokers "$KAFKA_BROKERS" --topic "bench.$RUN_ID.raw-txn" --transactional \
-	--records "$RAW_TXN_RECORDS" --size "$RAW_SIZE" --json ||
+	--txn-records "$SHIPPED_COMMIT_MAX" --records "$RAW_TXN_RECORDS" --size "$RAW_SIZE" --json ||
 	{
 		cat "$OUT/raw-txn.log" >&2
 		die "raw benchmark (transactional)"
@@ -747,7 +749,7 @@ DRAIN_PCT=$(awk -v a="$DRAIN_RATE" -v b="$RAW_RATE" 'BEGIN { printf "%.1f", (b >
 	echo
 	echo "### (a) raw broker throughput (bench/raw.rs), the best of $RAW_RUNS runs"
 	echo
-	echo "Records of $(f "$OUT/raw-1.json" .value_bytes 0) bytes (key: a unique id) to a new topic of 3 partitions; producer acks=all, idempotent, linger.ms 5 and librdkafka's default batch size, as kop's producers; a read_committed consumer (fetch.wait.max.ms 50, as the stages) reading at the same time. After the warm-up; the best combined rate is the ceiling (a); the runs differ by $RAW_SPREAD % (max − min over max). The transactional row commits every 500 records, as an exactly-once stage does per full batch."
+	echo "Records of $(f "$OUT/raw-1.json" .value_bytes 0) bytes (key: a unique id) to a new topic of 3 partitions; producer acks=all, idempotent (as kop's producers), linger.ms 5 (kop's: 1 ms, for latency) and librdkafka's default batch size; a read_committed consumer (fetch.wait.max.ms 50, as the stages) reading at the same time. After the warm-up; the best combined rate is the ceiling (a); the runs differ by $RAW_SPREAD % (max − min over max). The transactional row commits every $SHIPPED_COMMIT_MAX records (\`stage.commit_max_records\`), as an exactly-once stage under backlog does."
 	echo
 	echo "| producer | run | records | produce | consume | combined produce → consume |"
 	echo "|---|---|---:|---:|---:|---:|"
@@ -756,7 +758,7 @@ DRAIN_PCT=$(awk -v a="$DRAIN_RATE" -v b="$RAW_RATE" 'BEGIN { printf "%.1f", (b >
 		if ((i == RAW_BEST)); then best=" **(a)**"; else best=; fi
 		echo "| idempotent | $i | $(f "$r" .records 0) | $(f "$r" .produce.rate 0) rec/s | $(f "$r" .consume.rate 0) rec/s | $(f "$r" .combined.rate 0) rec/s$best |"
 	done
-	echo "| transactional, 500 records per transaction | 1 | $(f "$OUT/raw-txn.json" .records 0) | $(f "$OUT/raw-txn.json" .produce.rate 0) rec/s | $(f "$OUT/raw-txn.json" .consume.rate 0) rec/s | $(f "$OUT/raw-txn.json" .combined.rate 0) rec/s |"
+	echo "| transactional, $SHIPPED_COMMIT_MAX records per transaction | 1 | $(f "$OUT/raw-txn.json" .records 0) | $(f "$OUT/raw-txn.json" .produce.rate 0) rec/s | $(f "$OUT/raw-txn.json" .consume.rate 0) rec/s | $(f "$OUT/raw-txn.json" .combined.rate 0) rec/s |"
 	echo
 	echo "### (e) one stage draining a backlog"
 	echo

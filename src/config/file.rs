@@ -110,7 +110,7 @@ impl Default for StageSection {
             output: None,
             group_id: None,
             processing_guarantee: Guarantee::ExactlyOnce,
-            commit_max_records: 500,
+            commit_max_records: 5000,
             commit_interval: Duration::from_millis(20),
             max_in_flight: 1000,
             stall_timeout: Duration::from_secs(60),

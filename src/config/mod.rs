@@ -285,7 +285,8 @@ pub struct StageConfig {
     /// The least time between the starts of two commits (transactions, or at-least-once
     /// offset commits).
     pub commit_interval: Duration,
-    /// Records being handled at once.
+    /// Records being handled at once (beside up to two transactions' worth waiting for
+    /// their commit).
     pub max_in_flight: usize,
     /// With input waiting and nothing committed for this long, the stage is not ready and
     /// stops feeding the watchdog (systemd then restarts it).

@@ -308,7 +308,7 @@ fn a_default_is_used_when_neither_file_nor_variable_sets_it() {
     let (_dir, path) = write("[stage]\nmax_in_flight = 7\n[retry]\ndelays = [\"2s\"]\n");
     let c = StageConfig::load(Service::Inventory, Some(&path), &env(&[])).unwrap();
     assert_eq!(c.max_in_flight, 7);
-    assert_eq!(c.commit_max_records, 500);
+    assert_eq!(c.commit_max_records, 5000);
     assert_eq!(c.stall_timeout, Duration::from_secs(60));
     assert_eq!(c.retry.max_attempts, 3);
     assert_eq!(c.retry.delays, [Duration::from_secs(2)]);

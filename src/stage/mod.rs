@@ -370,8 +370,15 @@ impl Stage {
         self.logs.values().map(PartitionLog::len).sum()
     }
 
+    /// Room to read more: fewer than `max_in_flight` records being handled, and the records
+    /// read and not committed within what two full transactions add to that (the one
+    /// committing and the one filling), so that a transaction can grow to
+    /// `commit_max_records` under backlog; and within the byte bound.
     fn has_room(&self) -> bool {
-        self.pending_records() < self.config.max_in_flight
+        let handling: usize = self.logs.values().map(PartitionLog::handling).sum();
+        handling < self.config.max_in_flight
+            && self.pending_records()
+                < self.config.max_in_flight + 2 * self.config.commit_max_records
             && self.logs.values().map(PartitionLog::bytes).sum::<usize>() < MAX_PENDING_BYTES
     }
 

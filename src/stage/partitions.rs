@@ -71,6 +71,8 @@ pub struct PartitionLog {
     slots: VecDeque<(i64, Slot)>,
     /// Index of the first slot not yet sent.
     unsent: usize,
+    /// Slots still being handled (or waiting for their key).
+    handling: usize,
     /// Bytes of the records held (key + value), for the memory bound.
     bytes: usize,
     sizes: VecDeque<usize>,
@@ -83,6 +85,7 @@ impl PartitionLog {
             generation,
             slots: VecDeque::new(),
             unsent: 0,
+            handling: 0,
             bytes: 0,
             sizes: VecDeque::new(),
         }
@@ -104,6 +107,11 @@ impl PartitionLog {
         self.bytes
     }
 
+    /// Records taken in and not yet handled.
+    pub fn handling(&self) -> usize {
+        self.handling
+    }
+
     /// The offset after the last record taken in (or the base when there is none).
     pub fn next_expected(&self) -> i64 {
         self.slots.back().map(|(o, _)| o + 1).unwrap_or(self.base)
@@ -116,6 +124,7 @@ impl PartitionLog {
             return false;
         }
         self.slots.push_back((offset, Slot::Handling));
+        self.handling += 1;
         self.sizes.push_back(size);
         self.bytes += size;
         true
@@ -130,6 +139,7 @@ impl PartitionLog {
         match self.index(offset) {
             Some(i) if matches!(self.slots[i].1, Slot::Handling) => {
                 self.slots[i].1 = Slot::Ready(outcome);
+                self.handling -= 1;
                 true
             }
             _ => false,
@@ -236,6 +246,7 @@ impl PartitionLog {
         self.sizes.clear();
         self.bytes = 0;
         self.unsent = 0;
+        self.handling = 0;
         self.generation = generation;
         self.base = base;
     }
@@ -255,7 +266,10 @@ mod tests {
         for o in 10..13 {
             assert!(log.push(o, 1));
         }
+        assert_eq!(log.handling(), 3);
         assert!(log.finish(11, done()));
+        assert!(!log.finish(11, done()), "finished once");
+        assert_eq!(log.handling(), 2);
         assert!(log.next_release().is_none(), "10 is still being handled");
         assert!(log.finish(10, done()));
         assert_eq!(log.next_release().map(|(o, _)| o), Some(10));
@@ -289,6 +303,7 @@ mod tests {
         assert_eq!(log.bytes(), 7);
         log.rewind_to(0, 2);
         assert_eq!(log.len(), 0);
+        assert_eq!(log.handling(), 0);
         assert_eq!(log.bytes(), 0);
         assert_eq!(log.generation(), 2);
         assert!(log.push(0, 1));
