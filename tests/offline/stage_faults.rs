@@ -927,3 +927,85 @@ async fn commits_are_spaced_by_the_commit_interval() {
     })
     .await;
 }
+
+/// Records of one key are handled and written in the order they were read while other keys
+/// go past them, and no more records are handled at once than `max_in_flight` (the bound
+/// that keeps memory flat at 10,000 in flight), in both guarantees.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_key_stays_in_order_and_max_in_flight_bounds_the_work() {
+    in_both_guarantees(async |guarantee| {
+        let extra = "max_in_flight = 8\ncommit_max_records = 4\n\
+                     [simulate]\ndelay = \"200ms\"\n[dedup]\nenabled = false\n";
+        let h = start(guarantee, extra, &[], &[]).await;
+        // Four keys of ten records each, numbered in acceptedAt, between twenty others.
+        let mut others = Vec::new();
+        let mut records = Vec::new();
+        for n in 1..=10u64 {
+            for k in 0..4 {
+                let key = format!("{guarantee}-key-{k}");
+                let value = serde_json::json!({"orderId": key, "amount": 5, "acceptedAt": n});
+                records.push((key, value.to_string().into_bytes()));
+            }
+            for m in 0..2 {
+                let id = format!("{guarantee}-other-{n}-{m}");
+                records.push((id.clone(), order_json(&id)));
+                others.push(id);
+            }
+        }
+        // All at once, so that the stage has more to handle than it may take.
+        for (key, value) in &records {
+            h.producer
+                .send(BaseRecord::to(IN).key(key).payload(value))
+                .map_err(|(e, _)| e)
+                .expect("produce");
+        }
+        h.producer.flush(Duration::from_secs(10)).expect("flush");
+        // Sampled while the work goes on: 60 records at 200 ms each, 8 at a time.
+        let mut most = 0.0f64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            most = most.max(h.counter("inflight_handlers", None));
+            let written = h.read(OUT);
+            let keyed = written
+                .iter()
+                .filter(|m| {
+                    m.key()
+                        .is_some_and(|k| k.starts_with(format!("{guarantee}-key-").as_bytes()))
+                })
+                .count();
+            let paid = h.keys(OUT);
+            if keyed >= 40 && others.iter().all(|id| paid.contains(id)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{guarantee}: not done in 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            most <= 8.0,
+            "{guarantee}: {most} records handled at once, over 8"
+        );
+        assert!(
+            most >= 2.0,
+            "{guarantee}: at most {most} at once: nothing ran concurrently, the bound is untested"
+        );
+        let written = h.read(OUT);
+        for k in 0..4 {
+            let key = format!("{guarantee}-key-{k}");
+            let sequence: Vec<u64> = written
+                .iter()
+                .filter(|m| m.key() == Some(key.as_bytes()))
+                .filter_map(|m| {
+                    let value: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+                    value["acceptedAt"].as_u64()
+                })
+                .collect();
+            assert_eq!(
+                sequence,
+                (1..=10).collect::<Vec<_>>(),
+                "{guarantee}: {key} written out of order"
+            );
+        }
+        h.stop().await;
+    })
+    .await;
+}
