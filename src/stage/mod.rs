@@ -6,15 +6,16 @@
 //! health reports what it achieves, whatever the broker does.
 //!
 //! * A record is handled as soon as it arrives ([`keys`]: records of one key in order,
-//!   different keys at once, at most `max_in_flight` held), and its outcome — next event,
-//!   retry record or dead letter ([`route`]) — is released in its partition's offset order
-//!   ([`partitions`]).
+//!   different keys at once, at most `max_in_flight` being handled), and its outcome — next
+//!   event, retry record or dead letter ([`route`]) — is released in its partition's offset
+//!   order ([`partitions`]).
 //! * Exactly-once: released outcomes and their offsets commit in one Kafka transaction
-//!   ([`txn`]). A transaction closes as soon as the previous commit is done; outcomes
-//!   that finish meanwhile form the next one (group commit). An aborted transaction rewinds
+//!   ([`txn`]). A transaction closes as soon as the previous commit is done and
+//!   `commit_interval` has passed since it started; outcomes that finish meanwhile form the
+//!   next one (group commit, up to `commit_max_records`). An aborted transaction rewinds
 //!   the partitions to their last committed offsets, which the loop knows.
 //! * At-least-once: outcomes are sent at once, and a partition's offset is committed up to
-//!   its highest contiguous acknowledged record.
+//!   its highest contiguous acknowledged record, at most once per `commit_interval`.
 //! * A failure belongs to its record: a handler error, an undecodable payload, a record
 //!   the broker refuses to take become retry records or dead letters, and the partition
 //!   moves on. Only the connection or the transaction fail a batch; a fenced, fatal or
