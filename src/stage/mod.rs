@@ -457,8 +457,30 @@ impl Stage {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.txn.call_done()).await;
         }
         info!("draining done; leaving the group");
-        self.consumer.unsubscribe();
+        self.leave_group().await;
         self.txn.flush().await;
+    }
+
+    /// Leaves the group while this loop still polls, so that the rebalances it causes (and
+    /// one still waiting to be served) are served here rather than by the consumer's close
+    /// on drop. There, librdkafka's answer to the rebalance-protocol query that rdkafka
+    /// makes can hang forever: a stage stopped right after its first assignment, which it
+    /// had not polled yet (`simulate.stall`), never exited.
+    async fn leave_group(&mut self) {
+        self.consumer.unsubscribe();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let assigned = |c: &StreamConsumer<StageContext>| {
+            c.assignment().map(|a| a.count() > 0).unwrap_or(false)
+        };
+        // A poll that times out with nothing assigned: every rebalance event was served.
+        loop {
+            let quiet = tokio::time::timeout(Duration::from_millis(200), self.consumer.recv())
+                .await
+                .is_err();
+            if (quiet && !assigned(&self.consumer)) || Instant::now() >= deadline {
+                break;
+            }
+        }
     }
 }
 
