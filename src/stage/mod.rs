@@ -376,11 +376,15 @@ impl Stage {
     /// committing and the one filling), so that a transaction can grow to
     /// `commit_max_records` under backlog; and within the byte bound.
     fn has_room(&self) -> bool {
-        let handling: usize = self.logs.values().map(PartitionLog::handling).sum();
+        let (mut handling, mut pending, mut bytes) = (0, 0, 0);
+        for log in self.logs.values() {
+            handling += log.handling();
+            pending += log.len();
+            bytes += log.bytes();
+        }
         handling < self.config.max_in_flight
-            && self.pending_records()
-                < self.config.max_in_flight + 2 * self.config.commit_max_records
-            && self.logs.values().map(PartitionLog::bytes).sum::<usize>() < MAX_PENDING_BYTES
+            && pending < self.config.max_in_flight + 2 * self.config.commit_max_records
+            && bytes < MAX_PENDING_BYTES
     }
 
     fn is_drained(&self) -> bool {
