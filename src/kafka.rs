@@ -178,8 +178,8 @@ pub fn stage_producer_config(common: &Common, transactional_id: Option<&str>) ->
 
 /// How long a producer waits to fill a batch: every hop waits for its records'
 /// acknowledgements, and an exactly-once hop waits for them before it can commit. At
-/// 1,000 orders/s, 1 ms instead of 5 halved the end-to-end median and cut the p99 to a
-/// third in both modes, for more CPU per order (bench/README.md). Under backlog batches
+/// 1,000 orders/s, 1 ms instead of 5 halved the end-to-end median in both modes and cut
+/// the exactly-once p99 to a third, for more CPU per order (bench/README.md). Under backlog batches
 /// fill while the previous request is in flight, whatever the linger.
 const LINGER_MS: &str = "1";
 
