@@ -9,9 +9,16 @@ pub fn new_traceparent() -> String {
 /// The same trace with a new span id for the next hop; `None` when the header is not a
 /// valid traceparent (then a new trace starts).
 pub fn next_hop(traceparent: &str) -> Option<String> {
+    use std::fmt::Write as _;
     let trace_id = trace_id(traceparent)?;
-    Some(format!("00-{trace_id}-{:016x}-01", nonzero_u64()))
+    // Made for every record a stage forwards: written into its final size at once.
+    let mut next = String::with_capacity(TRACEPARENT_LEN);
+    write!(next, "00-{trace_id}-{:016x}-01", nonzero_u64()).expect("a String takes any text");
+    Some(next)
 }
+
+/// "00-" + 32 + "-" + 16 + "-01".
+const TRACEPARENT_LEN: usize = 55;
 
 /// The trace id of a valid traceparent.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
@@ -53,6 +60,7 @@ mod tests {
         let second = next_hop(&first).unwrap();
         assert_eq!(trace_id(&second), Some(id.as_str()));
         assert_ne!(first, second);
+        assert_eq!(second.len(), TRACEPARENT_LEN);
         assert_eq!(
             trace_id("00-00000000000000000000000000000000-0000000000000001-01"),
             None

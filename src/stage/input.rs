@@ -183,9 +183,11 @@ impl Stage {
         if log.generation() != work.generation {
             return; // its partition was rewound: it is read again
         }
+        // One clock read for the record: the handler takes microseconds.
+        let now = now_ms();
         if work.routing.is_ok()
             && let Some(key) = work.record.key.as_deref()
-            && self.is_repeat(work.pid, key)
+            && self.is_repeat(work.pid, key, now)
         {
             self.repeated(work.pid, work.record.offset, key);
             if let Some(log) = self.logs.get_mut(&work.pid) {
@@ -204,14 +206,14 @@ impl Stage {
             work.record,
             work.routing,
             simulated_failure,
-            now_ms(),
+            now,
             &self.metrics.handler_duration,
         );
         match accepted_at {
             Some(at) => self
                 .metrics
                 .end_to_end
-                .observe(now_ms().saturating_sub(at) as f64 / 1000.0),
+                .observe(now.saturating_sub(at) as f64 / 1000.0),
             None => self.counters.handler_errors.inc(),
         }
         outcome.solo = work.solo;
@@ -219,13 +221,13 @@ impl Stage {
     }
 
     /// Whether the key was handled already, within the dedup window.
-    pub(super) fn is_repeat(&self, pid: Pid, key: &[u8]) -> bool {
+    pub(super) fn is_repeat(&self, pid: Pid, key: &[u8], now_ms: u64) -> bool {
         let Some(seen) = &self.seen else {
             return false;
         };
         let partition = self.names.name(pid).1;
         seen.lock()
-            .map(|seen| seen.contains(partition, key, now_ms()))
+            .map(|seen| seen.contains(partition, key, now_ms))
             .unwrap_or(false)
     }
 

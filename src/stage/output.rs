@@ -60,6 +60,7 @@ impl Stage {
     /// Sends one outcome. False when releasing must stop for now.
     pub(super) fn hand_over(&mut self, pid: Pid, offset: i64, mut outcome: Outcome) -> bool {
         let mut refusals = 0;
+        let now = now_ms();
         loop {
             let Some(record) = outcome.record.take() else {
                 // Nothing to write (the last stage): done as soon as its offset commits.
@@ -74,7 +75,7 @@ impl Stage {
                 _ => None,
             };
             if let Some(key) = &dedup_key
-                && self.is_repeat(pid, key)
+                && self.is_repeat(pid, key, now)
             {
                 self.repeated(pid, offset, key);
                 self.released(pid, offset, None, false);
@@ -98,7 +99,7 @@ impl Stage {
                     });
                     self.released(pid, offset, kept, true);
                     if let Some(key) = dedup_key {
-                        return self.remember(pid, offset, key);
+                        return self.remember(pid, offset, key, now);
                     }
                     return true;
                 }
@@ -133,11 +134,10 @@ impl Stage {
 
     /// Keeps the key of a released output: pending until its record commits, and written
     /// to the changelog in the same transaction (exactly-once).
-    pub(super) fn remember(&mut self, pid: Pid, offset: i64, key: Vec<u8>) -> bool {
+    pub(super) fn remember(&mut self, pid: Pid, offset: i64, key: Vec<u8>, now: u64) -> bool {
         let Some(seen) = &self.seen else {
             return true;
         };
-        let now = now_ms();
         let partition = self.names.name(pid).1;
         if let Ok(mut seen) = seen.lock() {
             seen.insert_pending(pid, offset, partition, &key, now);

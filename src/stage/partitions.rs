@@ -130,8 +130,27 @@ impl PartitionLog {
         true
     }
 
+    /// The slot of an offset. Offsets rise by at least one per slot, so the slot is at most
+    /// `offset - first` from the front, and exactly there unless the partition has gaps
+    /// (transaction markers, compaction): one look in the common case, a binary search of
+    /// the slots up to there otherwise. Looked up for every record, twice.
     fn index(&self, offset: i64) -> Option<usize> {
-        self.slots.binary_search_by_key(&offset, |(o, _)| *o).ok()
+        let first = self.slots.front()?.0;
+        let most = usize::try_from(offset.checked_sub(first)?).ok()?;
+        let end = most.min(self.slots.len() - 1);
+        if self.slots[end].0 == offset {
+            return Some(end);
+        }
+        let (mut low, mut high) = (0, end);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if self.slots[middle].0 < offset {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        (self.slots[low].0 == offset).then_some(low)
     }
 
     /// Records the outcome of a handled record.
@@ -283,6 +302,33 @@ mod tests {
         log.committed(12);
         assert_eq!(log.len(), 1);
         assert_eq!(log.base(), 12);
+    }
+
+    #[test]
+    fn offsets_with_gaps_are_found() {
+        // Transaction markers and compaction leave gaps; the lookup must not assume none.
+        let offsets = [3, 4, 6, 7, 8, 12, 13, 20];
+        let mut log = PartitionLog::new(3, 1);
+        for o in offsets {
+            assert!(log.push(o, 1));
+        }
+        for o in [20, 6, 3, 13, 8, 4, 12, 7] {
+            assert!(log.finish(o, done()), "offset {o} is held");
+        }
+        for o in [0, 2, 5, 9, 11, 14, 19, 21, 100] {
+            assert!(!log.finish(o, done()), "offset {o} is not held");
+        }
+        let released: Vec<i64> =
+            std::iter::from_fn(|| log.next_release().map(|(o, _)| o)).collect();
+        assert_eq!(released, offsets);
+        log.committed(7);
+        assert!(!log.finish(6, done()));
+        log.ack(7);
+        log.ack(8);
+        log.ack(13);
+        assert_eq!(log.acked_end(), Some(9), "12 is not acked");
+        log.ack(12);
+        assert_eq!(log.acked_end(), Some(14));
     }
 
     #[test]

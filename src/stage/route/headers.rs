@@ -47,9 +47,16 @@ pub(super) fn trace_id(record: &Inbound) -> &str {
 /// The headers of the downstream event: the consumed ones without kop's routing headers,
 /// with the trace carried on to a new span.
 pub fn next_hop_headers(headers: Option<&OwnedHeaders>) -> OwnedHeaders {
-    let mut skip = kafka::ROUTING_HEADERS.to_vec();
-    skip.push(H_TRACEPARENT);
-    let copied = kafka::copy_headers_except(headers, &skip);
+    const SKIPPED: [&str; kafka::ROUTING_HEADERS.len() + 1] = {
+        let mut names = [H_TRACEPARENT; kafka::ROUTING_HEADERS.len() + 1];
+        let mut i = 0;
+        while i < kafka::ROUTING_HEADERS.len() {
+            names[i] = kafka::ROUTING_HEADERS[i];
+            i += 1;
+        }
+        names
+    };
+    let copied = kafka::copy_headers_except(headers, &SKIPPED);
     let parent = headers
         .and_then(|h| kafka::header_str(h, H_TRACEPARENT))
         .and_then(Result::ok);
