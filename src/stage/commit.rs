@@ -55,7 +55,7 @@ impl Stage {
     }
 
     /// The last commit started less than `commit_interval` ago.
-    fn commit_spaced_out(&self) -> bool {
+    pub(super) fn commit_spaced_out(&self) -> bool {
         self.commit_not_before.is_some_and(|at| Instant::now() < at)
     }
 

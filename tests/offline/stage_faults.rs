@@ -238,6 +238,42 @@ impl Harness {
         self.producer.client().mock_cluster().expect("mock cluster")
     }
 
+    /// On a cluster of two: the outputs move to broker 2, the inputs and both coordinators
+    /// to broker 1, so that broker 2 can be slowed down alone. Returns once the stage has
+    /// committed a transaction there.
+    async fn outputs_apart(&self) {
+        for partition in 0..2 {
+            self.cluster()
+                .partition_leader(OUT, partition, Some(2))
+                .expect("leader");
+            for topic in [IN, RETRY, DLQ] {
+                self.cluster()
+                    .partition_leader(topic, partition, Some(1))
+                    .expect("leader");
+            }
+        }
+        self.cluster()
+            .coordinator(MockCoordinator::Group(self.group.clone()), 1)
+            .expect("group coordinator");
+        self.cluster()
+            .coordinator(
+                MockCoordinator::Transaction(self.transactional_id.clone()),
+                1,
+            )
+            .expect("transaction coordinator");
+        // The stage found its coordinators before they moved to broker 1 (the mock may have
+        // put them on broker 2, which is about to answer slowly): a transaction committed
+        // from now on has followed them there.
+        let commits = self.commits();
+        self.pay_all("before", 3).await;
+        self.wait_until(
+            "a commit after the coordinators moved",
+            Duration::from_secs(20),
+            |h| h.commits() > commits,
+        )
+        .await;
+    }
+
     fn produce(&self, topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) {
         let mut owned = OwnedHeaders::new();
         for (k, v) in headers {
@@ -674,34 +710,7 @@ async fn a_retry_held_across_a_rebalance_is_still_handled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_failing_with_records_in_doubt_ends_under_a_new_producer() {
     let h = start_on(2, "exactly-once", "[dedup]\nenabled = false\n", &[], &[]).await;
-    // The outputs live on broker 2; the inputs and both coordinators on broker 1.
-    for partition in 0..2 {
-        h.cluster()
-            .partition_leader(OUT, partition, Some(2))
-            .expect("leader");
-        for topic in [IN, RETRY, DLQ] {
-            h.cluster()
-                .partition_leader(topic, partition, Some(1))
-                .expect("leader");
-        }
-    }
-    h.cluster()
-        .coordinator(MockCoordinator::Group(h.group.clone()), 1)
-        .expect("group coordinator");
-    h.cluster()
-        .coordinator(MockCoordinator::Transaction(h.transactional_id.clone()), 1)
-        .expect("transaction coordinator");
-    // The stage found its coordinators before they moved to broker 1 (the mock may have put
-    // them on broker 2, which is about to answer slowly): a transaction committed from now
-    // on has followed them there.
-    let commits = h.commits();
-    h.pay_all("before", 3).await;
-    h.wait_until(
-        "a commit after the coordinators moved",
-        Duration::from_secs(20),
-        |h| h.commits() > commits,
-    )
-    .await;
+    h.outputs_apart().await;
     // Broker 2 answers after 20 s (below the stage's 30 s message timeout): the outputs
     // below stay unacknowledged meanwhile.
     h.cluster()
@@ -927,6 +936,48 @@ async fn commits_are_spaced_by_the_commit_interval() {
         h.stop().await;
     })
     .await;
+}
+
+/// Under a steady stream a transaction still commits once `commit_interval` has passed: it
+/// stops taking records and waits only for the acknowledgements of those it holds. Before,
+/// it waited for a moment with nothing unacknowledged, which never comes while the records
+/// arrive faster than their outputs are acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_commits_on_time_under_a_steady_stream() {
+    let extra = "commit_interval = \"100ms\"\n[dedup]\nenabled = false\n";
+    let h = start_on(2, "exactly-once", extra, &[], &[]).await;
+    h.outputs_apart().await;
+    // Broker 2, where the outputs go, answers 500 ms late; an order comes every 20 ms.
+    let ack_delay = Duration::from_millis(500);
+    h.cluster()
+        .broker_round_trip_time(2, ack_delay)
+        .expect("rtt");
+    let before = h.commits();
+    let orders = ids("stream", 100);
+    let mut sent = Instant::now();
+    let mut widest_gap = Duration::ZERO;
+    for id in &orders {
+        h.order(id);
+        widest_gap = widest_gap.max(sent.elapsed());
+        sent = Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = h.commits() - before;
+    assert!(
+        widest_gap < ack_delay,
+        "the stream paused for {widest_gap:?}, long enough for every output to be \
+         acknowledged: the test proves nothing"
+    );
+    // About 2 s of stream. Before, no commit at all: some output was always unacknowledged.
+    assert!(
+        during >= 3.0,
+        "{during} commits while orders kept coming for 2 s with commit_interval 100 ms"
+    );
+    h.cluster()
+        .broker_round_trip_time(2, Duration::ZERO)
+        .expect("rtt");
+    h.wait_paid(&refs(&orders), Duration::from_secs(30)).await;
+    h.stop().await;
 }
 
 /// Records of one key are handled and written in the order they were read while other keys
