@@ -266,11 +266,14 @@ main() {
 
 	if ((lint)); then
 		run cargo fmt --all -- --check
-		run cargo clippy --all-targets --all-features -- -D warnings
+		run cargo clippy --workspace --all-targets --all-features -- -D warnings
 	fi
 	# Compile first, without a broker: a build error needs none, and the
 	# broker does not compete with the compiler for the CPU.
 	run cargo test "${targets[@]}" "${cargo_args[@]}" --no-run
+	# The harness's own unit tests (ports, the Metadata probe): the workspace's other
+	# members are not part of the root package's cargo test.
+	run cargo test --quiet --package kop-harness
 	start_broker
 	run cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${harness_args[@]}"
 	log "all passed"
