@@ -52,7 +52,10 @@ impl Kafka {
         fs::write(&marker, "").map_err(at(&marker))?;
         let mode = self.apply_mode(options.nodes, sasl_ssl)?;
         let wanted = Wanted {
-            port: options.port.unwrap_or(self.default_port),
+            port: match options.port {
+                Some(port) => port,
+                None => self.default_port()?,
+            },
             explicit: options.port.is_some(),
             controller: options.controller_port,
             internal: options.internal_port,

@@ -94,7 +94,8 @@ pub struct Kafka {
     version: String,
     java_opts: Vec<String>,
     start_timeout: Duration,
-    default_port: u16,
+    /// `KAFKA_PORT` as given; checked only by a start that needs it.
+    default_port: Option<String>,
 }
 
 impl Kafka {
@@ -114,7 +115,7 @@ impl Kafka {
             version,
             java_opts: Vec::new(),
             start_timeout: DEFAULT_START_TIMEOUT,
-            default_port: DEFAULT_PORT,
+            default_port: None,
         })
     }
 
@@ -141,9 +142,7 @@ impl Kafka {
             })?;
             kafka.start_timeout = Duration::from_secs(seconds);
         }
-        if let Ok(port) = std::env::var("KAFKA_PORT") {
-            kafka.default_port = parse_port("KAFKA_PORT", &port)?;
-        }
+        kafka.default_port = std::env::var("KAFKA_PORT").ok();
         Ok(kafka)
     }
 
@@ -171,6 +170,13 @@ impl Kafka {
     pub fn version(&self) -> &str {
         &self.version
     }
+
+    /// The client port when none is asked for: `KAFKA_PORT`, else DEFAULT_PORT.
+    pub(crate) fn default_port(&self) -> Result<u16> {
+        self.default_port
+            .as_deref()
+            .map_or(Ok(DEFAULT_PORT), |port| parse_port("KAFKA_PORT", port))
+    }
 }
 
 /// A port number as the command line and `KAFKA_PORT` give it.
@@ -182,9 +188,19 @@ pub fn parse_port(what: &str, text: &str) -> Result<u16> {
     })
 }
 
-/// The repository this crate is part of: where scripts/kafka and the default state
-/// directory are. A development tool, so the build's checkout is the one meant.
+/// The repository whose scripts/kafka (and default state directory) are meant: the one
+/// `cargo run` or `cargo test` runs from (cargo sets CARGO_MANIFEST_DIR for the process
+/// too: xtask/ or the root), else the one this crate was built in. Not the build's alone:
+/// checkouts sharing a CARGO_TARGET_DIR share the compiled harness, and its baked-in
+/// path would name whichever checkout built it first.
 pub fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let running_in = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    running_in
+        .iter()
+        .flat_map(|dir| dir.ancestors())
+        .chain(built_in.parent())
+        .find(|dir| dir.join("scripts/kafka/pom.xml").is_file())
+        .unwrap_or(built_in)
+        .to_path_buf()
 }
