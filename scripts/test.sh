@@ -77,7 +77,7 @@ ensure_system_packages() {
 		build-essential cmake pkg-config libssl-dev zlib1g-dev python3 perl # librdkafka's build
 		python3-venv                                                         # schemathesis' virtualenv
 		ca-certificates                                                      # Maven Central over HTTPS
-		kcat                                                                 # broker readiness check, debugging
+		kcat                                                                 # the systemd test's Kafka client, debugging
 		prometheus docker-compose python3-yaml                               # promtool, compose file checks
 		systemd-container debootstrap curl                                   # the test under a real systemd
 		nix-bin                                                              # nix-instantiate --parse
