@@ -73,7 +73,7 @@
             pkg-config
             cmake
             openssl
-            # The Kafka broker of the tests (scripts/kafka.sh fetches it with Maven).
+            # The Kafka broker of the tests (cargo xtask kafka fetches it with Maven).
             jdk17
             maven
             kcat

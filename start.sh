@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole platform on this machine with one command:
-#   - a local single-node Kafka (scripts/kafka.sh, jars fetched with Maven), unless
+#   - a local single-node Kafka (cargo xtask kafka, jars fetched with Maven), unless
 #     KAFKA_BROKERS names a broker to use;
 #   - the four daemons, built in release mode, configured from etc/kop/ (environment
 #     variables override, as in production);
@@ -21,7 +21,7 @@ command -v cargo >/dev/null || { say "cargo not found: install Rust first (https
 STARTED_BROKER=0
 PIDS=()
 
-# shellcheck disable=SC2317 # called by the EXIT trap
+# shellcheck disable=SC2317,SC2329 # called by the EXIT trap
 stop_all() {
 	trap - EXIT INT TERM
 	say "stopping"
@@ -33,7 +33,7 @@ stop_all() {
 		wait "$pid" 2>/dev/null || true
 	done
 	if ((STARTED_BROKER)); then
-		"$ROOT/scripts/kafka.sh" stop || true
+		cargo xtask kafka stop || true
 	fi
 	say "stopped"
 }
@@ -45,8 +45,8 @@ say "building the daemons (release)"
 cargo build --release --bins
 
 if [[ -z ${KAFKA_BROKERS:-} ]]; then
-	say "starting a local Kafka broker (scripts/kafka.sh; first run fetches it with Maven)"
-	KAFKA_BROKERS=$("$ROOT/scripts/kafka.sh" start | tail -n 1)
+	say "starting a local Kafka broker (cargo xtask kafka; first run fetches it with Maven)"
+	KAFKA_BROKERS=$(cargo xtask kafka start | tail -n 1)
 	STARTED_BROKER=1
 else
 	say "using the Kafka broker at $KAFKA_BROKERS"

@@ -22,7 +22,7 @@
 # 10,000/s runs, and counted), a duplicate in exactly-once mode.
 #
 # Environment (all optional):
-#   KAFKA_BROKERS        use this broker instead of starting one (scripts/kafka.sh, temp dir)
+#   KAFKA_BROKERS        use this broker instead of starting one (cargo xtask kafka, temp dir)
 #   BENCH_OUT            directory for logs and JSON reports (default: a new /tmp/kop-bench.*)
 #   BENCH_NO_BUILD=1     use the binaries in $CARGO_TARGET_DIR (or target)/release as they are
 #   BENCH_WARMUP_RATE    orders/s of the warm-up (default 500)
@@ -155,8 +155,8 @@ cleanup() {
 	stop_sampler
 	stop_daemons
 	if ((STARTED_BROKER)); then
-		KOP_KAFKA_STATE=$OUT/kafka "$ROOT/scripts/kafka.sh" reset >>"$OUT/kafka.sh.log" 2>&1 ||
-			say "could not stop the broker; see $OUT/kafka.sh.log"
+		KOP_KAFKA_STATE=$OUT/kafka cargo xtask kafka reset >>"$OUT/kafka.log" 2>&1 ||
+			say "could not stop the broker; see $OUT/kafka.log"
 	fi
 	say "logs and JSON reports in $OUT"
 	exit "$rc"
@@ -288,10 +288,10 @@ BUILD_S=$((SECONDS - T_BUILD))
 UPTIME_BEFORE=$(uptime)
 T_BENCH=$SECONDS
 if [[ -z ${KAFKA_BROKERS:-} ]]; then
-	say "starting a Kafka broker (scripts/kafka.sh, state in $OUT/kafka)"
+	say "starting a Kafka broker (cargo xtask kafka, state in $OUT/kafka)"
 	STARTED_BROKER=1
-	KAFKA_BROKERS=$(KOP_KAFKA_STATE=$OUT/kafka "$ROOT/scripts/kafka.sh" start --port 0 2>>"$OUT/kafka.sh.log" | tail -n 1) ||
-		die "the broker did not start; see $OUT/kafka.sh.log"
+	KAFKA_BROKERS=$(KOP_KAFKA_STATE=$OUT/kafka cargo xtask kafka start --port 0 2>>"$OUT/kafka.log" | tail -n 1) ||
+		die "the broker did not start; see $OUT/kafka.log"
 	# For its CPU time; left out if the state directory's layout is not the one expected.
 	BROKER_PID=$(cat "$OUT/kafka/kafka.pid" 2>/dev/null || true)
 	[[ $BROKER_PID =~ ^[0-9]+$ ]] || BROKER_PID=

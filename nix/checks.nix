@@ -1,5 +1,5 @@
 # Lint checks on the package's own source, as scripts/test.sh runs them:
-# `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`.
+# `cargo fmt --check` and `cargo clippy --workspace --all-targets -- -D warnings`.
 # (The versions of rustfmt and clippy are nixpkgs', not the toolchain of scripts/test.sh:
 # a lint new in nixpkgs' clippy fails this check first.)
 { pkgs, kop }:
@@ -28,7 +28,7 @@
     nativeBuildInputs = old.nativeBuildInputs ++ [ pkgs.clippy ];
     buildPhase = ''
       runHook preBuild
-      cargo clippy --offline --all-targets -- -D warnings
+      cargo clippy --offline --workspace --all-targets -- -D warnings
       runHook postBuild
     '';
     doCheck = false;

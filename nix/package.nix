@@ -22,8 +22,10 @@ rustPlatform.buildRustPackage {
   inherit (cargoToml.package) version;
 
   # Only what cargo and the install step read: a change to the README, docker/ or nix/
-  # does not rebuild the package. tests/ is there for the fmt and clippy checks; benchmark
-  # directories are taken when they exist (a [[bench]] in Cargo.toml needs its file).
+  # does not rebuild the package. tests/ is there for the fmt and clippy checks; harness/
+  # and xtask/ because cargo loads every member of the workspace (only kop is built, the
+  # root package being the default member); benchmark directories are taken when they
+  # exist (a [[bench]] in Cargo.toml needs its file).
   src = fs.toSource {
     root = ../.;
     fileset = fs.unions (
@@ -34,6 +36,8 @@ rustPlatform.buildRustPackage {
         ../etc
         ../systemd
         ../tests
+        ../harness
+        ../xtask
       ]
       ++ builtins.filter builtins.pathExists [
         (../. + "/benches")

@@ -6,8 +6,8 @@
 #      for the Kafka broker, kcat (the Rust toolchain must be there already);
 #   2. cargo fmt --check and cargo clippy -D warnings;
 #   3. builds the tests (with the feature broker-tests, which adds the targets
-#      that need a broker), starts a throwaway Kafka broker on a free port and
-#      runs cargo test against it (KOP_TEST_BROKERS);
+#      that need a broker), starts a throwaway Kafka broker on a free port
+#      (cargo xtask kafka) and runs cargo test against it (KOP_TEST_BROKERS);
 #   4. stops the broker, whatever happened.
 #
 # Run "scripts/test.sh --help" for usage.
@@ -77,7 +77,7 @@ ensure_system_packages() {
 		build-essential cmake pkg-config libssl-dev zlib1g-dev python3 perl # librdkafka's build
 		python3-venv                                                         # schemathesis' virtualenv
 		ca-certificates                                                      # Maven Central over HTTPS
-		kcat                                                                 # broker readiness check, debugging
+		kcat                                                                 # the systemd test's Kafka client, debugging
 		prometheus docker-compose python3-yaml                               # promtool, compose file checks
 		systemd-container debootstrap curl                                   # the test under a real systemd
 		nix-bin                                                              # nix-instantiate --parse
@@ -172,7 +172,7 @@ on_exit() {
 			log "failed (exit status $rc); last lines of the broker log $BROKER_STATE/broker.log:"
 			tail -n 60 "$BROKER_STATE/broker.log" >&2 || true
 		fi
-		KOP_KAFKA_STATE=$BROKER_STATE "$SCRIPT_DIR/kafka.sh" stop || true
+		KOP_KAFKA_STATE=$BROKER_STATE cargo xtask kafka stop || true
 		if ((rc == 0)); then
 			rm -rf "$BROKER_STATE"
 		else
@@ -191,8 +191,8 @@ start_broker() {
 	# developer's broker in .kafka, and starts from empty topics every run.
 	BROKER_STATE=$(mktemp -d "${TMPDIR:-/tmp}/kop-test-kafka.XXXXXX")
 	local out
-	out=$(KOP_KAFKA_STATE=$BROKER_STATE "$SCRIPT_DIR/kafka.sh" start --port 0)
-	KOP_TEST_BROKERS=${out##*$'\n'} # kafka.sh prints the address last
+	out=$(KOP_KAFKA_STATE=$BROKER_STATE cargo xtask kafka start --port 0)
+	KOP_TEST_BROKERS=${out##*$'\n'} # the address is the last line
 	export KOP_TEST_BROKERS
 	log "Kafka broker for the tests at $KOP_TEST_BROKERS"
 }
@@ -266,11 +266,18 @@ main() {
 
 	if ((lint)); then
 		run cargo fmt --all -- --check
-		run cargo clippy --all-targets --all-features -- -D warnings
+		run cargo clippy --workspace --all-targets --all-features -- -D warnings
 	fi
 	# Compile first, without a broker: a build error needs none, and the
-	# broker does not compete with the compiler for the CPU.
+	# broker does not compete with the compiler for the CPU (xtask included:
+	# it starts the broker).
 	run cargo test "${targets[@]}" "${cargo_args[@]}" --no-run
+	if [[ -z ${KOP_TEST_BROKERS:-} ]]; then
+		run cargo build --quiet --package xtask
+	fi
+	# The harness's own unit tests (ports, the Metadata probe): the workspace's other
+	# members are not part of the root package's cargo test.
+	run cargo test --quiet --package kop-harness
 	start_broker
 	run cargo test "${targets[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${harness_args[@]}"
 	log "all passed"

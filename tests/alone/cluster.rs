@@ -1,4 +1,4 @@
-//! A three-broker KRaft cluster on this machine (scripts/kafka.sh start --nodes 3): every
+//! A three-broker KRaft cluster on this machine (cargo xtask kafka start --nodes 3): every
 //! topic of the pipeline has three replicas and min.insync.replicas 2. Under a steady stream
 //! of orders one broker is killed (SIGKILL, a crash) and later brought back; not one
 //! accepted order is lost, the API writes each order it was sent at most once, and the
@@ -58,7 +58,11 @@ impl Cluster {
     fn start() -> Cluster {
         let broker = OwnBroker::start_with(
             std::env::temp_dir().join(unique("kop-cluster")),
-            &["--nodes", &NODES.to_string(), "--port", "0"],
+            StartOptions {
+                nodes: Some(NODES),
+                port: Some(0),
+                ..StartOptions::default()
+            },
         );
         assert_eq!(
             broker.address.split(',').count(),
@@ -75,13 +79,12 @@ impl Cluster {
 
     /// Crashes one broker: SIGKILL.
     fn kill_node(&self, node: i32) {
-        self.broker.command(&["stop-node", &node.to_string()]);
+        self.broker.kill_node(node as u32);
     }
 
     /// Starts it again with its data; returns once it serves clients.
     fn start_node(&self, node: i32) {
-        let output = self.broker.command(&["start-node", &node.to_string()]);
-        assert_eq!(last_line(&output), self.address());
+        assert_eq!(self.broker.start_node(node as u32), self.address());
     }
 
     fn config(&self) -> ClientConfig {

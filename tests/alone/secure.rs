@@ -1,5 +1,5 @@
 //! Authenticated, encrypted Kafka: a broker whose only client listener is SASL_SSL with
-//! SCRAM-SHA-512 (scripts/kafka.sh start --sasl-ssl), certificates made here with the
+//! SCRAM-SHA-512 (cargo xtask kafka start --sasl-ssl), certificates made here with the
 //! `openssl` CLI. Every daemon is configured through its `[kafka]` table alone; orders flow
 //! end to end, and clients without the right credentials are refused.
 //!
@@ -50,7 +50,7 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// Writes what `kafka.sh start --sasl-ssl DIR` wants: broker-key.pem (unencrypted PKCS#8),
+/// Writes what `cargo xtask kafka start --sasl-ssl DIR` wants: broker-key.pem (unencrypted PKCS#8),
 /// broker-cert.pem and users; plus ca.pem, which the clients trust.
 fn make_certs() -> Certs {
     let dir = std::env::temp_dir().join(unique("kop-secure-certs"));
@@ -140,10 +140,13 @@ fn make_certs() -> Certs {
 
 /// The SASL_SSL broker of this test: its only client listener wants SCRAM logins over TLS.
 fn start_secure_broker(certs: &Path) -> OwnBroker {
-    let certs = certs.to_str().expect("a UTF-8 temp path");
     OwnBroker::start_with(
         std::env::temp_dir().join(unique("kop-secure-broker")),
-        &["--port", "0", "--sasl-ssl", certs],
+        StartOptions {
+            port: Some(0),
+            sasl_ssl: Some(certs.to_path_buf()),
+            ..StartOptions::default()
+        },
     )
 }
 

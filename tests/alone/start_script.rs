@@ -155,20 +155,12 @@ async fn start_sh_runs_the_platform_and_ctrl_c_stops_it() {
             left.is_empty(),
             "{run} run: processes outlived Ctrl-C: {left:?}"
         );
-        let status = Command::new(repo().join("scripts/kafka.sh"))
-            .arg("status")
-            .env("KOP_KAFKA_STATE", &state)
-            .output()
-            .expect("kafka.sh status");
-        assert_eq!(
-            status.status.code(),
-            Some(3),
-            "the broker start.sh started is stopped"
+        let status = harness(&state).status().expect("broker status");
+        assert!(
+            !status.running(),
+            "the broker start.sh started is stopped: {status:?}"
         );
     }
-    let _ = Command::new(repo().join("scripts/kafka.sh"))
-        .arg("reset")
-        .env("KOP_KAFKA_STATE", &state)
-        .status();
+    let _ = harness(&state).reset();
     let _ = std::fs::remove_dir_all(&run_dir);
 }

@@ -1,6 +1,6 @@
 //! Kafka going away: the daemons wait instead of crashing, the API answers 503 with
 //! Retry-After while the broker is down, and everything recovers when it comes back.
-//! These tests run a broker of their own (scripts/kafka.sh), since they stop it.
+//! These tests run a broker of their own (kop-harness), since they stop it.
 
 use std::collections::HashMap;
 use std::sync::Arc;

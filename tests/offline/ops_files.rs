@@ -476,6 +476,22 @@ fn the_image_gets_every_file_the_build_reads() {
     if repo().join("build.rs").exists() {
         needed.push("build.rs".into());
     }
+    // cargo loads every member of the workspace, built or not.
+    let manifest: toml::Table = std::fs::read_to_string(repo().join("Cargo.toml"))
+        .expect("Cargo.toml")
+        .parse()
+        .expect("Cargo.toml is TOML");
+    let members = manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for member in members.iter().filter_map(|m| m.as_str()) {
+        if member != "." {
+            needed.push(format!("{member}/Cargo.toml"));
+        }
+    }
     for file in files_under(&repo().join("src")) {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         for pattern in ["include_str!(\"", "include_bytes!(\""] {

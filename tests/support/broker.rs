@@ -1,30 +1,17 @@
-//! A broker (or cluster) a test runs for itself with scripts/kafka.sh, to stop, kill or
-//! configure it as the shared one cannot be.
+//! A broker (or cluster) a test runs for itself with kop-harness (what `cargo xtask kafka`
+//! runs), to stop, kill or configure it as the shared one cannot be.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use super::repo;
+pub use kop_harness::StartOptions;
 
-/// Runs scripts/kafka.sh on the broker (or cluster) of a state directory.
-pub fn kafka_sh(state: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(repo().join("scripts/kafka.sh"))
-        .args(args)
-        .env("KOP_KAFKA_STATE", state)
+/// The harness on the broker (or cluster) of a state directory.
+pub fn harness(state: &std::path::Path) -> kop_harness::Kafka {
+    kop_harness::Kafka::new(state)
+        .expect("the broker harness (scripts/kafka/pom.xml)")
         // A loaded 2-core machine: three JVMs starting at once take a while.
-        .env("KOP_KAFKA_START_TIMEOUT", "150")
-        .output()
-        .expect("run scripts/kafka.sh")
-}
-
-/// The last line kafka.sh printed: the bootstrap address (list) after start.
-pub fn last_line(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+        .with_start_timeout(Duration::from_secs(150))
 }
 
 /// A broker (or cluster) owned by one test, in a state directory of its own. Dropped, it
@@ -32,41 +19,47 @@ pub fn last_line(output: &std::process::Output) -> String {
 pub struct OwnBroker {
     pub state: PathBuf,
     pub address: String,
+    kafka: kop_harness::Kafka,
 }
 
 impl OwnBroker {
     pub fn start(state: PathBuf, port: u16) -> OwnBroker {
-        OwnBroker::start_with(state, &["--port", &port.to_string()])
+        OwnBroker::start_with(
+            state,
+            StartOptions {
+                port: Some(port),
+                ..StartOptions::default()
+            },
+        )
     }
 
-    /// `scripts/kafka.sh start` with these options (`--nodes 3`, `--sasl-ssl DIR`, ...).
-    pub fn start_with(state: PathBuf, options: &[&str]) -> OwnBroker {
-        let output = kafka_sh(&state, &[&["start"], options].concat());
-        assert!(
-            output.status.success(),
-            "scripts/kafka.sh start {} failed:\n{}",
-            options.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let address = last_line(&output);
-        assert!(!address.is_empty(), "kafka.sh printed no address");
-        OwnBroker { state, address }
-    }
-
-    /// Runs a kafka.sh command on this broker; it must succeed.
-    pub fn command(&self, args: &[&str]) -> std::process::Output {
-        let output = kafka_sh(&self.state, args);
-        assert!(
-            output.status.success(),
-            "scripts/kafka.sh {}:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
+    /// `cargo xtask kafka start` with these options (`nodes`, `sasl_ssl`, ...).
+    pub fn start_with(state: PathBuf, options: StartOptions) -> OwnBroker {
+        let kafka = harness(&state);
+        let address = kafka
+            .start(&options)
+            .unwrap_or_else(|e| panic!("starting the broker ({options:?}) failed: {e}"));
+        assert!(!address.is_empty(), "the harness returned no address");
+        OwnBroker {
+            state,
+            address,
+            kafka,
+        }
     }
 
     pub fn stop(&self) {
-        self.command(&["stop"]);
+        self.kafka.stop().expect("stop the broker");
+    }
+
+    /// Crashes node `node` of a cluster: SIGKILL.
+    pub fn kill_node(&self, node: u32) {
+        self.kafka.stop_node(node, false).expect("stop-node");
+    }
+
+    /// Starts node `node` of a cluster again with its data; returns the bootstrap list
+    /// once it serves clients.
+    pub fn start_node(&self, node: u32) -> String {
+        self.kafka.start_node(node).expect("start-node")
     }
 
     /// Starts it again on the same port, with its data.
@@ -86,7 +79,11 @@ impl OwnBroker {
 impl Drop for OwnBroker {
     fn drop(&mut self) {
         let failed = std::thread::panicking();
-        let _ = kafka_sh(&self.state, &[if failed { "stop" } else { "reset" }]);
+        let _ = if failed {
+            self.kafka.stop()
+        } else {
+            self.kafka.reset()
+        };
         if failed {
             eprintln!(
                 "broker stopped; its logs are kept in {}",
