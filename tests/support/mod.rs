@@ -41,6 +41,11 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The checkout under test: the directory cargo names when it runs the tests, else the one
+/// the tests were built in (a target directory shared by two checkouts may hold a build of
+/// the other one).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
