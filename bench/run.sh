@@ -39,6 +39,9 @@
 #   BENCH_BURST_SECONDS  size of the burst: this many seconds at the rate the highest fixed
 #                        rate achieved (default 30)
 #   BENCH_FIXED_DURATION duration of each fixed-rate run (default 20s)
+#   BENCH_QUIET_PCT      before each run of the pipeline, wait until the machine is less busy
+#                        than this over 2 s (default 15) ...
+#   BENCH_QUIET_MAX_S    ... but at most this many seconds (default 60)
 #   BENCH_RATES          the fixed rates (default "1000 5000")
 #   BENCH_SEED_DELAYS    SIMULATE_DELAY_MS of kop-payment, kop-inventory, kop-notification in
 #                        the seed rows (default "500 1000 800", the Node.js seed's sleeps)
@@ -229,6 +232,24 @@ cpu_ticks() {
 
 # Busy and total jiffies of the whole machine (all processes, ours and everybody's).
 machine_ticks() { awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6 }' /proc/stat; }
+
+# Waits (at most QUIET_MAX_S) until the whole machine was less than QUIET_PCT % busy over two
+# seconds: the broker keeps working after a heavy phase (compacting the changelogs, deleting
+# segments), and a run that starts meanwhile measures that work too. Sets QUIET_WAITED to
+# "<seconds waited> s, <last busy> %".
+QUIET_PCT=${BENCH_QUIET_PCT:-15}
+QUIET_MAX_S=${BENCH_QUIET_MAX_S:-60}
+wait_until_quiet() {
+	local start=$SECONDS busy0 total0 busy1 total1 pct=100
+	while :; do
+		read -r busy0 total0 < <(machine_ticks)
+		sleep 2
+		read -r busy1 total1 < <(machine_ticks)
+		pct=$(((busy1 - busy0) * 100 / (total1 - total0 > 0 ? total1 - total0 : 1)))
+		((pct < QUIET_PCT || SECONDS - start >= QUIET_MAX_S)) && break
+	done
+	QUIET_WAITED="$((SECONDS - start)) s, $pct %"
+}
 
 # Sets CHILD_CPU_MS: CPU time (ms, user + system) of this shell's waited-for children.
 # Call it directly, not in $(...): `times` must run in this shell, not in a fork.
@@ -490,7 +511,7 @@ load() {
 	check_alive
 }
 
-declare -A READY_MS=() RSS_IDLE=() RSS_LOAD=() CPU_US=() BUSY_PCT=() HOP_MS=() MPORT=() RUN_S=()
+declare -A READY_MS=() RSS_IDLE=() RSS_LOAD=() CPU_US=() BUSY_PCT=() HOP_MS=() MPORT=() RUN_S=() QUIET=()
 
 # ---------------------------------------------------------------------------
 # The order of the measured runs: each guarantee ROUNDS times, alternating (ABBA).
@@ -638,6 +659,9 @@ for run in "${RUNS[@]}"; do
 	start_pipeline "$mode" "$tag"
 	start_sampler "$tag"
 
+	wait_until_quiet
+	QUIET[$tag]=$QUIET_WAITED
+	say "    the machine was quiet after $QUIET_WAITED busy"
 	# Not reported: the fresh consumer groups settle, connections are made.
 	say "    settling: 200 orders/s for 3 s"
 	load "$tag-settle" "$mode" --rps 200 --duration 3s --concurrency 16
@@ -741,6 +765,7 @@ DRAIN_PCT=$(awk -v a="$DRAIN_RATE" -v b="$RAW_RATE" 'BEGIN { printf "%.1f", (b >
 	echo "Broker: $BROKER_DESC."
 	echo "Load before: \`${UPTIME_BEFORE#*load average: }\`; after: \`${UPTIME_AFTER#*load average: }\` (1, 5, 15 min)."
 	echo "Order: warm-up ($WARMUP_RATE orders/s for $WARMUP_DURATION through the whole pipeline, $warm_mode, not reported), raw × $RAW_RUNS, drain, then $(for run in "${RUNS[@]}"; do read -r m r <<<"$run"; echo -n "$m #$r, "; done)seed delays."
+	echo "Before each run of the pipeline the script waited until the machine was under $QUIET_PCT % busy over 2 s (at most $QUIET_MAX_S s; waited, last busy share): $(for run in "${RUNS[@]}"; do read -r m r <<<"$run"; echo -n "$m #$r ${QUIET[$(tag_of "$m")$r]:-?}; "; done)"
 	echo
 	echo "### Targets"
 	echo
