@@ -179,8 +179,8 @@ pub fn stage_producer_config(common: &Common, transactional_id: Option<&str>) ->
 /// How long a producer waits to fill a batch: every hop waits for its records'
 /// acknowledgements, and an exactly-once hop waits for them before it can commit. At
 /// 1,000 orders/s, 1 ms instead of 5 halved the end-to-end median in both modes and cut
-/// the exactly-once p99 to a third, for more CPU per order (bench/README.md). Under backlog batches
-/// fill while the previous request is in flight, whatever the linger.
+/// the exactly-once p99 to a third, for more CPU per order (bench/README.md). Under
+/// backlog batches fill while the previous request is in flight, whatever the linger.
 const LINGER_MS: &str = "1";
 
 /// A stage's consumer: offsets are committed by kop only once the outcome of a record is

@@ -310,7 +310,11 @@ impl Stage {
             }
             self.follow_rebalance();
             let take = drain_until.is_none() && self.has_room();
-            let next_due = self.held.next_due();
+            // A held retry's due time is wall-clock (it travels in x-retry-at).
+            let next_due = self
+                .held
+                .next_due()
+                .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(now_ms())));
             let commit_at = self.commit_due();
             tokio::select! {
                 biased;
@@ -328,7 +332,7 @@ impl Stage {
                 Some(work) = self.handling.next(), if !self.handling.is_empty() => {
                     self.on_handled(work);
                 }
-                _ = sleep_until_ms(next_due), if next_due.is_some() => self.resume_due(),
+                _ = sleep_until(next_due), if next_due.is_some() => self.resume_due(),
                 _ = sleep_until(commit_at), if commit_at.is_some() => {}
                 received = self.consumer.recv(), if take => {
                     self.on_received(received.map(|m| Inbound::from_message(&m)));
@@ -491,13 +495,6 @@ impl Stage {
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_ms(due_ms: Option<u64>) {
-    match due_ms {
-        Some(due) => tokio::time::sleep(Duration::from_millis(due.saturating_sub(now_ms()))).await,
         None => std::future::pending().await,
     }
 }
